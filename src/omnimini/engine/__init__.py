@@ -1,0 +1,1 @@
+"""Inference engine: sampling, generation with a KV cache, continuous batching."""

@@ -1,0 +1,100 @@
+"""Batched generation with a KV cache: right-padded prefill, then one token per sequence per step.
+
+This is the simple synchronous path (CLI, tests, log-likelihood scoring); the serving scheduler reuses the
+same model calls with continuous batching.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from omnimini.engine.sampling import SamplingParams, adjust_logits, make_generator, sample_token
+
+
+class PromptTooLongError(ValueError):
+    pass
+
+
+@dataclass
+class GenRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+    pixels: torch.Tensor | None = None  # [n_images, 3, S, S] for the placeholders in prompt_ids
+
+
+def check_length(n_prompt: int, max_tokens: int, max_len: int) -> None:
+    if n_prompt >= max_len:
+        raise PromptTooLongError(f"prompt is {n_prompt} tokens; the context window is {max_len} tokens")
+
+
+def _pad(rows: list[list[int]], pad: int) -> torch.Tensor:
+    T = max(len(r) for r in rows)
+    return torch.tensor([r + [pad] * (T - len(r)) for r in rows], dtype=torch.long)
+
+
+@torch.inference_mode()
+def prefill(model, cache, rows: list[list[int]], slots: torch.Tensor, image_embeds=None) -> torch.Tensor:
+    """Run right-padded prompts through the model into cache rows `slots`; return each row's last logits."""
+    ids = _pad(rows, 0)
+    B, T = ids.shape
+    positions = torch.arange(T).expand(B, T)
+    out = model(ids, positions=positions, cache=cache, slots=slots, image_embeds=image_embeds)
+    last = torch.tensor([len(r) - 1 for r in rows])
+    return out.logits[torch.arange(B), last].float()
+
+
+@torch.inference_mode()
+def generate_stream(model, requests: list[GenRequest], eos_ids: list[int]) -> Iterator[tuple[int, int]]:
+    """Yield (request index, token id) as tokens are produced, all requests decoded together."""
+    max_len = model.config.max_seq_len
+    for r in requests:
+        check_length(len(r.prompt_ids), r.params.max_tokens, max_len)
+    B = len(requests)
+    total = max(min(len(r.prompt_ids) + r.params.max_tokens, max_len) for r in requests)
+    cache = model.new_cache(B, total)
+    slots = torch.arange(B)
+    embeds = None
+    pix = [r.pixels for r in requests if r.pixels is not None]
+    if pix:
+        embeds = model.encode_images(torch.cat(pix))
+    logits = prefill(model, cache, [r.prompt_ids for r in requests], slots, embeds)
+    gens = [make_generator(r.params.seed) for r in requests]
+    counts = torch.zeros(B, model.config.vocab_size)
+    lengths = torch.tensor([len(r.prompt_ids) for r in requests])
+    done = [False] * B
+    produced = [0] * B
+    while True:
+        nxt = []
+        for i, r in enumerate(requests):
+            if done[i]:
+                nxt.append(0)
+                continue
+            row = adjust_logits(logits[i], r.params, counts[i])
+            tok = sample_token(row, r.params, gens[i])
+            counts[i, tok] += 1
+            produced[i] += 1
+            stop = (tok in eos_ids and not r.params.ignore_eos) or tok in r.params.stop_token_ids
+            if not stop:
+                yield i, tok
+            if stop or produced[i] >= r.params.max_tokens or lengths[i] + 1 >= max_len:
+                done[i] = True
+            nxt.append(tok)
+        if all(done):
+            return
+        ids = torch.tensor(nxt)[:, None]
+        out = model(ids, positions=lengths[:, None].clone(), cache=cache, slots=slots, logits_for="last")
+        logits = out.logits[:, -1].float()
+        lengths += 1
+
+
+def generate(model, requests: list[GenRequest], eos_ids: list[int],
+             on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    outs: list[list[int]] = [[] for _ in requests]
+    for i, tok in generate_stream(model, requests, eos_ids):
+        outs[i].append(tok)
+        if on_token:
+            on_token(i, tok)
+    return outs

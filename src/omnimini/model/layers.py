@@ -1,0 +1,141 @@
+"""Decoder building blocks: RMSNorm, rotary embeddings, grouped-query attention with a KV cache, SwiGLU."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from omnimini.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in float32 so bf16 activations on GPU keep their precision here
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    d = cfg.dim_head
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    sc = cfg.rope_scaling or {}
+    kind = sc.get("rope_type", sc.get("type"))
+    if kind == "linear":
+        inv = inv / sc["factor"]
+    elif kind == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by factor, blend in between
+        factor, lo, hi = sc["factor"], sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
+        old_ctx = sc.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv
+        smooth = ((old_ctx / wavelen) - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old_ctx / lo, inv / factor, inv)
+        mid = (wavelen <= old_ctx / lo) & (wavelen >= old_ctx / hi)
+        inv = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    elif kind not in (None, "default"):
+        raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: linear, llama3)")
+    return inv.float()
+
+
+class Rotary(nn.Module):
+    """Rotate-half RoPE (the Llama/HF convention); cos/sin are looked up per position so batches may differ."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[..., None] * self.inv_freq  # [B, T, D/2]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos()[:, None], emb.sin()[:, None]  # [B, 1, T, D]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Slot-based static cache: one row per sequence slot, keys/values written at explicit positions.
+
+    k[layer]: [slots, kv_heads, max_len, head_dim]. The caller (generator/engine) tracks each slot's length and
+    passes positions; attention masks keys by position, so stale entries beyond a slot's length are never read.
+    """
+
+    def __init__(self, cfg: ModelConfig, slots: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (slots, cfg.num_kv_heads, max_len, cfg.dim_head)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.slots, self.max_len = slots, max_len
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.h, self.kvh, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.dim_head
+        self.q_proj = nn.Linear(cfg.hidden_size, self.h * self.d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.kvh * self.d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.kvh * self.d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=False)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps), RMSNorm(self.d, cfg.rms_norm_eps)
+        elif cfg.qk_norm == "full":
+            self.q_norm = RMSNorm(self.h * self.d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.kvh * self.d, cfg.rms_norm_eps)
+
+    def forward(self, x, rope, positions, cache: KVCache | None = None, slots=None, attn_mask=None):
+        B, T, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.h, self.d).transpose(1, 2)
+        k = k.view(B, T, self.kvh, self.d).transpose(1, 2)
+        v = v.view(B, T, self.kvh, self.d).transpose(1, 2)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = self._cache_update(cache, k, v, positions, slots)
+        gqa = self.h != self.kvh
+        if attn_mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.h * self.d))
+
+    def _cache_update(self, cache: KVCache, k, v, positions, slots):
+        kc, vc = cache.k[self.layer], cache.v[self.layer]
+        kv_len = int(positions.max()) + 1
+        rows = slots if slots is not None else torch.arange(k.shape[0], device=k.device)
+        pos = positions.clamp(max=cache.max_len - 1)  # padded tail tokens may run past the end: never read
+        kc[rows[:, None], :, pos] = k.transpose(1, 2).to(kc.dtype)
+        vc[rows[:, None], :, pos] = v.transpose(1, 2).to(vc.dtype)
+        if slots is None:
+            return kc[: k.shape[0], :, :kv_len], vc[: k.shape[0], :, :kv_len]
+        return kc[slots, :, :kv_len], vc[slots, :, :kv_len]
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

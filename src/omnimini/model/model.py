@@ -1,0 +1,161 @@
+"""OmniModel: the one model class behind training, the engine, evaluation and the open-weight loaders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from omnimini.config import ModelConfig
+from omnimini.model.layers import Attention, KVCache, RMSNorm, Rotary, SwiGLU
+from omnimini.model.moe import MoE
+from omnimini.model.vision import VisionEncoder
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None  # LM loss (+ weighted router losses when training an MoE)
+    lm_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None  # mean Switch balance loss over MoE layers
+    z_loss: torch.Tensor | None = None
+    expert_load: torch.Tensor | None = None  # [moe_layers, E] tokens routed to each expert
+    hidden: torch.Tensor | None = None
+    extras: dict = field(default_factory=dict)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, i: int):
+        super().__init__()
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg, i)
+        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.is_moe = cfg.layer_is_moe(i)
+        self.mlp = MoE(cfg.hidden_size, cfg.moe) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, rope, positions, cache, slots, mask):
+        x = x + self.attn(self.input_norm(x), rope, positions, cache, slots, mask)
+        if self.is_moe:
+            y, stats = self.mlp(self.post_norm(x))
+            return x + y, stats
+        return x + self.mlp(self.post_norm(x)), None
+
+
+class OmniModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = Rotary(cfg)
+        self.vision = VisionEncoder(cfg.vision, cfg.hidden_size) if cfg.vision else None
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    # ---- inputs --------------------------------------------------------------------------------------------
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[N, 3, S, S] -> [N, tokens_per_image, hidden]; computed once per request by the engine."""
+        if self.vision is None:
+            raise ValueError("this model has no vision encoder; it cannot take images")
+        return self.vision(pixels.to(self.embed.weight.dtype))
+
+    def embed_inputs(self, input_ids, pixels=None, image_embeds=None) -> torch.Tensor:
+        x = self.embed(input_ids)
+        if pixels is not None:
+            image_embeds = self.encode_images(pixels)
+        if image_embeds is None:
+            return x
+        where = input_ids == self.config.image_token_id
+        feats = image_embeds.reshape(-1, x.shape[-1]).to(x.dtype)
+        if int(where.sum()) != feats.shape[0]:
+            raise ValueError(f"prompt has {int(where.sum())} image placeholder tokens but the images give "
+                             f"{feats.shape[0]} embeddings")
+        return x.masked_scatter(where[..., None], feats)
+
+    def output_head(self, h: torch.Tensor) -> torch.Tensor:
+        w = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h, w)
+
+    # ---- forward -------------------------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, *, labels=None, positions=None, attention_mask=None,
+                cache: KVCache | None = None, slots=None, pixels=None, image_embeds=None,
+                logits_for: str = "all") -> ModelOutput:
+        """input_ids [B, T]. Without a cache: causal attention (plus key padding from attention_mask [B, T]).
+        With a cache: tokens are written at `positions` [B, T] (rows `slots` of the cache) and attend to every
+        cached key at a position <= their own. logits_for="last" computes logits only for the last position.
+        """
+        B, T = input_ids.shape
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        mask = self._mask(positions, attention_mask, cache is not None)
+        x = self.embed_inputs(input_ids, pixels, image_embeds)
+        rope = self.rotary(positions)
+        stats = []
+        for blk in self.blocks:
+            x, s = blk(x, rope, positions, cache, slots, mask)
+            if s is not None:
+                stats.append(s)
+        h = self.norm(x)
+        logits = self.output_head(h[:, -1:] if logits_for == "last" else h)
+        out = ModelOutput(logits=logits, hidden=h)
+        if stats:
+            out.expert_load = torch.stack([s["load"] for s in stats])
+            if self.training:
+                out.aux_loss = torch.stack([s["aux_loss"] for s in stats]).mean()
+                out.z_loss = torch.stack([s["z_loss"] for s in stats]).mean()
+        if labels is not None:
+            out.lm_loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+            out.loss = out.lm_loss
+            if out.aux_loss is not None:
+                m = self.config.moe
+                out.loss = out.loss + m.aux_loss_coef * out.aux_loss + m.z_loss_coef * out.z_loss
+        return out
+
+    @staticmethod
+    def _mask(positions, attention_mask, cached: bool):
+        if cached:
+            # key j (a cache position) is visible to a query at position p when j <= p
+            kv_len = int(positions.max()) + 1
+            keys = torch.arange(kv_len, device=positions.device)
+            return (keys[None, None, :] <= positions[:, :, None])[:, None]
+        if attention_mask is None:
+            return None  # plain causal: the fast SDPA path
+        T = positions.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=positions.device).tril()
+        m = causal[None] & attention_mask.bool()[:, None, :]
+        m = m | torch.eye(T, dtype=torch.bool, device=positions.device)[None]  # padded queries see themselves
+        return m[:, None]
+
+    # ---- utilities -----------------------------------------------------------------------------------------
+
+    def new_cache(self, slots: int, max_len: int | None = None, dtype=None) -> KVCache:
+        p = next(self.parameters())
+        return KVCache(self.config, slots, max_len or self.config.max_seq_len, p.device, dtype or p.dtype)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32) -> OmniModel:
+        from omnimini.weights.checkpoint import load_model
+
+        return load_model(path, device=device, dtype=dtype)
+
+    def save_pretrained(self, path, tokenizer=None, max_shard_bytes: int = 2 * 1024 ** 3) -> None:
+        from omnimini.weights.checkpoint import save_model
+
+        save_model(self, path, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes)

@@ -1,0 +1,72 @@
+"""Vision encoder (a small ViT with learned 2D positions) and the pixel-shuffle projector into the LM width."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from omnimini.config import VisionConfig
+
+# ImageNet-style normalisation; images arrive as float [3, S, S] in 0..1
+MEAN = (0.5, 0.5, 0.5)
+STD = (0.5, 0.5, 0.5)
+
+
+class ViTBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.heads = cfg.num_heads
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, cfg.intermediate_size), nn.Linear(cfg.intermediate_size, d)
+
+    def forward(self, x):
+        B, N, D = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v)  # bidirectional: every patch sees every patch
+        x = x + self.proj(a.transpose(1, 2).reshape(B, N, D))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, cfg: VisionConfig, lm_hidden: int):
+        super().__init__()
+        self.cfg = cfg
+        d, p = cfg.hidden_size, cfg.patch_size
+        self.patch_embed = nn.Linear(3 * p * p, d)
+        # factorised learned positions: row + column tables, so grids up to max_grid work
+        self.pos_row = nn.Parameter(torch.randn(cfg.max_grid, d) * 0.02)
+        self.pos_col = nn.Parameter(torch.randn(cfg.max_grid, d) * 0.02)
+        self.blocks = nn.ModuleList(ViTBlock(cfg) for _ in range(cfg.num_layers))
+        self.norm = nn.LayerNorm(d)
+        s = cfg.pixel_shuffle
+        self.proj_fc1 = nn.Linear(d * s * s, lm_hidden)
+        self.proj_fc2 = nn.Linear(lm_hidden, lm_hidden)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [N, 3, H, W] normalised -> image tokens [N, (H/p/s)*(W/p/s), lm_hidden]."""
+        p, s = self.cfg.patch_size, self.cfg.pixel_shuffle
+        N, C, H, W = pixels.shape
+        gh, gw = H // p, W // p
+        if gh > self.cfg.max_grid or gw > self.cfg.max_grid or gh % s or gw % s:
+            raise ValueError(f"image of {H}x{W} px gives a {gh}x{gw} patch grid; need <= {self.cfg.max_grid} "
+                             f"and divisible by pixel_shuffle {s}")
+        patches = pixels.unfold(2, p, p).unfold(3, p, p)  # N, C, gh, gw, p, p
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(N, gh * gw, C * p * p)
+        x = self.patch_embed(patches)
+        pos = (self.pos_row[:gh, None, :] + self.pos_col[None, :gw, :]).reshape(gh * gw, -1)
+        x = x + pos
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)
+        return self.project(x, gh, gw)
+
+    def project(self, x, gh, gw):
+        # pixel shuffle: merge each s x s neighbourhood of patches into one token (fewer, wider tokens)
+        s = self.cfg.pixel_shuffle
+        N, _, D = x.shape
+        x = x.view(N, gh // s, s, gw // s, s, D).permute(0, 1, 3, 2, 4, 5).reshape(N, (gh // s) * (gw // s), s * s * D)
+        return self.proj_fc2(F.gelu(self.proj_fc1(x)))

@@ -1,0 +1,1 @@
+"""Weight formats: omnimini checkpoints, Hugging Face safetensors, GGUF."""

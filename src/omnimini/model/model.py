@@ -86,8 +86,8 @@ class OmniModel(nn.Module):
         return x.masked_scatter(where[..., None], feats)
 
     def output_head(self, h: torch.Tensor) -> torch.Tensor:
-        w = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, w)
+        # a module call (not lm_head.weight) so the engine can swap in a quantized head, even for tied weights
+        return F.linear(h, self.embed.weight) if self.lm_head is None else self.lm_head(h)
 
     # ---- forward -------------------------------------------------------------------------------------------
 

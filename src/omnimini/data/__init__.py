@@ -1,0 +1,1 @@
+"""Datasets for omnimini: text, chat and procedural scene data."""

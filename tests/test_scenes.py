@@ -1,0 +1,107 @@
+"""Tests of the procedural 2D scene task families (omnimini.data.scenes)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from omnimini.data.scenes import EVAL_SEEDS, FAMILIES, TRAIN_SEEDS, SceneError, episodes, get_family
+from omnimini.data.scenes.parsing import normalise, parse_choice, parse_short
+
+
+def _png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_train_and_eval_seeds_are_disjoint():
+    assert set(TRAIN_SEEDS).isdisjoint(EVAL_SEEDS)
+    assert max(TRAIN_SEEDS) < min(EVAL_SEEDS)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_same_seed_gives_identical_episode(family):
+    fam = get_family(family)
+    for seed in (3, 10_000_001):
+        a, b = fam.episode(seed), fam.episode(seed)
+        assert _png(a.image) == _png(b.image)
+        assert (a.prompt, a.answer, a.subset, a.choices) == (b.prompt, b.answer, b.subset, b.choices)
+    assert fam.episode(1).prompt != fam.episode(2).prompt or _png(fam.episode(1).image) != _png(
+        fam.episode(2).image)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_reference_answer_scores_one_in_every_subset(family):
+    fam = get_family(family)
+    for subset in fam.subsets:
+        for ep in episodes(family, range(8), subset):
+            assert ep.family == family and ep.subset == subset
+            assert ep.image.size == (224, 224) and ep.image.mode == "RGB"
+            res = fam.score(ep, ep.answer)
+            assert res["success"] and res["score"] == 1.0, (ep.prompt, ep.answer, res)
+            assert 0.0 <= fam.score(ep, "I do not know.")["score"] < 1.0
+
+
+def test_bad_input_is_reported():
+    with pytest.raises(SceneError, match="unknown scene task family"):
+        get_family("nope")
+    with pytest.raises(SceneError, match="subset"):
+        get_family("qa").episode(0, "nope")
+    with pytest.raises(SceneError, match="seed"):
+        get_family("qa").episode(-1)
+
+
+# ---------------------------------------------------------------- qa
+
+
+@pytest.mark.parametrize(
+    "response",
+    ["B", "B.", "(B)", "**B**", "b) red", "The answer is (B)", "Answer: B", "red", "The answer is red.",
+     "I think it is B because the shape looks red.", "**B. red**"],
+)
+def test_parse_choice_accepts_common_formats(response):
+    assert parse_choice(response, ["blue", "red", "green", "yellow"]) == "B"
+
+
+def test_parse_choice_does_not_read_articles_or_guess():
+    choices = ["blue circle", "red square", "green star", "yellow triangle"]
+    assert parse_choice("A red square.", choices) == "B"
+    assert parse_choice("a red square", choices) == "B"
+    assert parse_choice("no idea", choices) is None
+    assert parse_choice("B or C", choices) is None
+
+
+def test_parse_short_normalises():
+    assert normalise("**Two.**") == "2"
+    assert parse_short("Two.", [str(i) for i in range(13)]) == "2"
+    assert parse_short("There are 3 red objects.", [str(i) for i in range(13)]) == "3"
+    assert parse_short("The Red Circle!", ["red circle", "blue square"]) == "red circle"
+    assert parse_short("It is to the LEFT of it", ["left", "right", "above", "below"]) == "left"
+    assert parse_short("left or right", ["left", "right", "above", "below"]) is None
+    assert parse_short("Grey", ["gray", "red"]) == "gray"
+
+
+def test_qa_has_both_formats_and_wrong_answers_fail():
+    fam = get_family("qa")
+    eps = list(episodes("qa", range(40)))
+    assert {ep.meta["format"] for ep in eps} == {"mc", "short"}
+    for ep in eps:
+        if ep.choices:
+            wrong = next(letter for letter in "ABCD"[: len(ep.choices)] if letter != ep.answer)
+            assert fam.score(ep, f"The answer is ({ep.answer})")["success"]
+            assert fam.score(ep, ep.choices["ABCD".index(ep.answer)])["success"]
+        else:
+            wrong = next(c for c in ep.meta["candidates"] if normalise(c) != normalise(ep.answer))
+            assert fam.score(ep, f"**{ep.answer.upper()}.**")["success"]
+        assert fam.score(ep, wrong)["score"] == 0.0
+
+
+def test_qa_counting_counts_visible_objects():
+    from omnimini.data.scenes.world import Scene
+
+    for ep in episodes("qa", range(30), "counting"):
+        scene = Scene.from_dict(ep.meta["scene"])
+        if ep.meta["qtype"] == "count_total":
+            assert ep.meta["answer_text"] == str(len(scene.visible_objects()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 
@@ -105,3 +106,48 @@ def test_qa_counting_counts_visible_objects():
         scene = Scene.from_dict(ep.meta["scene"])
         if ep.meta["qtype"] == "count_total":
             assert ep.meta["answer_text"] == str(len(scene.visible_objects()))
+
+
+# ---------------------------------------------------------------- pointing
+
+
+def test_parse_points_formats():
+    from omnimini.data.scenes.pointing import parse_points
+
+    assert parse_points("(0.41, 0.72)") == [(0.41, 0.72)]
+    assert parse_points("Points: [(0.1, 0.2), (0.3,0.4)]") == [(0.1, 0.2), (0.3, 0.4)]
+    assert parse_points('```json\n[{"x": 0.5, "y": 0.25}]\n```') == [(0.5, 0.25)]
+    assert parse_points('{"points": [[12, 200]]}') == [(12.0, 200.0)]
+    assert parse_points("x=0.3, y=0.9") == [(0.3, 0.9)]
+    assert parse_points("somewhere on the left") == []
+
+
+def test_pointing_points_inside_mask_score_one_outside_zero():
+    from omnimini.data.scenes.pointing import in_mask, mask_points
+
+    fam = get_family("pointing")
+    for ep in episodes("pointing", range(12)):
+        inside = mask_points(ep.meta, 32)
+        outside = [((i + 0.5) / 32, (j + 0.5) / 32) for j in range(32) for i in range(32)]
+        outside = [p for p in outside if not in_mask(ep.meta, *p)]
+        assert inside and outside
+        pts = inside[:: max(1, len(inside) // 3)][:3]
+        assert fam.score(ep, str(pts))["score"] == 1.0
+        assert fam.score(ep, str(outside[:2]))["score"] == 0.0
+        mixed = fam.score(ep, str([inside[0], outside[0]]))
+        assert mixed["score"] == 0.5 and not mixed["success"]
+        # Pixel coordinates of the same point are accepted.
+        px = [(round(x * 224, 1), round(y * 224, 1)) for x, y in pts]
+        assert fam.score(ep, json.dumps(px))["score"] == 1.0
+        assert fam.score(ep, "no idea")["score"] == 0.0
+
+
+def test_pointing_mask_excludes_objects_and_follows_relation():
+    from omnimini.data.scenes.pointing import in_mask
+
+    for ep in episodes("pointing", range(20)):
+        for ox, oy, _ in ep.meta["obstacles"]:
+            assert not in_mask(ep.meta, ox, oy)
+        if ep.meta["relation"] == "left":
+            grid = [(i / 50, j / 50) for i in range(51) for j in range(51)]
+            assert all(x <= ep.meta["region"]["x1"] for x, y in grid if in_mask(ep.meta, x, y))

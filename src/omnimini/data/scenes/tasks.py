@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 from .base import Episode, SceneError, TaskFamily
+from .pointing import PointingFamily
 from .qa import QAFamily
 
 TRAIN_SEEDS = range(0, 1_000_000)
@@ -16,6 +17,7 @@ EVAL_SEEDS = range(10_000_000, 10_010_000)
 
 FAMILIES: dict[str, TaskFamily] = {
     "qa": QAFamily(),
+    "pointing": PointingFamily(),
 }
 
 

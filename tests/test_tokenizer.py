@@ -416,3 +416,54 @@ def test_incremental_decoder_flush_incomplete(tok):
     assert dec.push(tok.token_to_id(BYTE_TO_CHAR[first[0]])) == ""
     assert dec.push(tok.token_to_id(BYTE_TO_CHAR[first[1]])) == ""
     assert dec.flush() == "\ufffd"
+
+
+def _write_ranks(path, ranks: dict[bytes, int]) -> None:
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+
+
+def test_tiktoken_parity_irregular_ranks(tmp_path):
+    """Hand-made rank files: tokens ranked below one of their parts, and tokens no merge sequence reaches."""
+    tiktoken = pytest.importorskip("tiktoken")
+    base = {bytes([b]): b for b in range(256)}
+    # b"bbba" (257) can only form as b"bb" + b"ba", and b"ba" ranks after it (258).
+    cases = [{**base, b"bb": 256, b"bbba": 257, b"ba": 258, b"abc": 259}]
+    for seed in range(6):
+        rng = random.Random(seed)
+        ranks, pool = dict(base), [b"a", b"b", b"c", b" "]
+        for _ in range(60):
+            t = rng.choice(pool) + rng.choice(pool)
+            if t not in ranks:
+                ranks[t] = len(ranks)
+                pool.append(t)
+        cases.append(ranks)
+    rng = random.Random(5)
+    for n, ranks in enumerate(cases):
+        path = tmp_path / f"irregular{n}.tiktoken"
+        _write_ranks(path, ranks)
+        ours = Tokenizer.from_tiktoken(path)
+        ref = tiktoken.Encoding(f"irregular{n}", pat_str=O200K_PATTERN, mergeable_ranks=ranks, special_tokens={})
+        texts = ["bbba", "abc", "abcd", "bbbab cab"]
+        texts += ["".join(rng.choice("abc ") for _ in range(rng.randint(1, 25))) for _ in range(150)]
+        for text in texts:
+            assert ours.encode(text, allow_special=False) == ref.encode_ordinary(text), (n, text)
+
+
+@pytest.mark.slow
+def test_tiktoken_parity_real_text(tmp_path):
+    """A 30k-token vocabulary trained on the shared text data, compared on a web-text sample."""
+    tiktoken = pytest.importorskip("tiktoken")
+    import os
+    from pathlib import Path
+
+    data = Path(os.environ.get("OMNIMINI_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "text"
+    if not (data / "wiki_demo.txt").is_file():
+        pytest.skip(f"shared data not found at {data}")
+    trained = Tokenizer.train([str(data / "wiki_demo.txt"), str(data / "tinyshakespeare.txt")], 30000,
+                              show_progress=False)
+    ranks = _ranks_from(trained)
+    _write_ranks(tmp_path / "big.tiktoken", ranks)
+    ours = Tokenizer.from_tiktoken(tmp_path / "big.tiktoken")
+    ref = tiktoken.Encoding("big", pat_str=O200K_PATTERN, mergeable_ranks=ranks, special_tokens={})
+    text = (data / "c4_demo.jsonl").read_text(encoding="utf-8")
+    assert ours.encode(text, allow_special=False) == ref.encode_ordinary(text)

@@ -189,22 +189,22 @@ class Tokenizer:
 
     @cached_property
     def _all_token_bytes(self) -> list[bytes]:
-        spec = json.loads(self.hf.to_str())
-        byte_level = _mentions(spec.get("pre_tokenizer"), "ByteLevel") or _mentions(spec.get("decoder"), "ByteLevel")
-        added = {i: t.content for i, t in self.hf.get_added_tokens_decoder().items()}
-        out = []
-        for i in range(self.vocab_size):
-            if i in added:
-                out.append(added[i].encode("utf-8"))
-                continue
-            tok = self.hf.id_to_token(i)
-            if tok is None:
-                out.append(b"")
-            elif byte_level:
-                out.append(bytes(CHAR_TO_BYTE[c] for c in tok) if all(c in CHAR_TO_BYTE for c in tok)
-                           else tok.encode("utf-8"))
-            else:
-                out.append(_sentencepiece_bytes(tok))
+        # Component JSON only: serialising the whole tokenizer (vocab and merges) would cost seconds at 200k.
+        parts = [c for c in (self.hf.pre_tokenizer, self.hf.decoder) if c is not None]
+        byte_level = any(_mentions(json.loads(c.__getstate__()), "ByteLevel") for c in parts)
+        if byte_level:
+            def to_bytes(tok: str) -> bytes:
+                try:
+                    return bytes(CHAR_TO_BYTE[c] for c in tok)
+                except KeyError:  # not a byte-level string (a stray added token): take its text
+                    return tok.encode("utf-8")
+        else:
+            to_bytes = _sentencepiece_bytes
+        out = [b""] * self.vocab_size  # ids missing from a sparse vocabulary stay empty
+        for tok, i in self.hf.get_vocab(with_added_tokens=False).items():
+            out[i] = to_bytes(tok)
+        for i, added in self.hf.get_added_tokens_decoder().items():
+            out[i] = added.content.encode("utf-8")
         return out
 
     # ----------------------------------------------------------------- chat
@@ -319,9 +319,9 @@ class Tokenizer:
         for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
             if len(tok) < 2:
                 continue
-            parts = _bpe_parts(ranks, tok, rank)
-            if len(parts) == 2:  # otherwise unreachable by merging; ignore_merges still finds it whole
-                merges.append(tuple("".join(BYTE_TO_CHAR[b] for b in p) for p in parts))
+            merge = _tiktoken_merge(ranks, tok, rank)
+            if merge is not None:  # None: unreachable by merging; ignore_merges still finds it whole
+                merges.append(tuple("".join(BYTE_TO_CHAR[b] for b in p) for p in merge))
         # ignore_merges=True mirrors tiktoken: a pre-token that is itself in the vocabulary is one token.
         hf = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True))
         _byte_level_pipeline(hf, pattern)
@@ -440,11 +440,11 @@ def _read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
     return ranks
 
 
-def _bpe_parts(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
-    """Run tiktoken's BPE on `token` using only merges ranked below `max_rank`; the two parts left are the
-    merge that creates `token`."""
+def _bpe_parts(ranks: dict[bytes, int], token: bytes, max_rank: float) -> list[bytes]:
+    """Run tiktoken's BPE on `token`'s bytes, merging only pairs ranked below `max_rank`, until two parts
+    remain: the merge that creates `token`."""
     parts = [bytes([b]) for b in token]
-    while len(parts) > 1:
+    while len(parts) > 2:
         best, best_rank = -1, max_rank
         for i in range(len(parts) - 1):
             r = ranks.get(parts[i] + parts[i + 1])
@@ -454,6 +454,15 @@ def _bpe_parts(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[byt
             break
         parts[best:best + 2] = [parts[best] + parts[best + 1]]
     return parts
+
+
+def _tiktoken_merge(ranks: dict[bytes, int], token: bytes, rank: int) -> tuple[bytes, bytes] | None:
+    parts = _bpe_parts(ranks, token, rank)
+    if len(parts) != 2:
+        # Hand-made files can rank a token below one of its parts; tiktoken then reaches it only through
+        # the higher-ranked part, so take the split it arrives at when every rank is allowed.
+        parts = _bpe_parts(ranks, token, float("inf"))
+    return (parts[0], parts[1]) if len(parts) == 2 else None
 
 
 class IncrementalDecoder:

@@ -249,6 +249,9 @@ def test_foreign_template_helpers(tok):
                "{{ strftime_now('%Y') | length }}{% generation %}{{ messages[0].content }}{% endgeneration %}"
     foreign = Tokenizer(tok.hf, chat_template=template)
     assert foreign.render_chat([{"role": "user", "content": "x"}]) == "4x"
+    thinking = Tokenizer(tok.hf, chat_template="{{ 'T' if enable_thinking else 'F' }}")
+    assert thinking.render_chat([], enable_thinking=True) == "T"
+    assert thinking.render_chat([]) == "F"
     with pytest.raises(ChatTemplateError, match="only one message"):
         foreign.render_chat([{"role": "user", "content": "x"}, {"role": "user", "content": "y"}])
     with pytest.raises(ChatTemplateError, match="syntax"):
@@ -467,3 +470,14 @@ def test_tiktoken_parity_real_text(tmp_path):
     ref = tiktoken.Encoding("big", pat_str=O200K_PATTERN, mergeable_ranks=ranks, special_tokens={})
     text = (data / "c4_demo.jsonl").read_text(encoding="utf-8")
     assert ours.encode(text, allow_special=False) == ref.encode_ordinary(text)
+
+
+def test_train_tokenizer_cli(corpus, tmp_path, capsys):
+    from omnimini.tokenizer import train_tokenizer_cli
+
+    out = tmp_path / "tok"
+    trained = train_tokenizer_cli([corpus], 320, str(out))
+    assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
+    assert "320 tokens" in capsys.readouterr().out
+    assert Tokenizer.from_dir(out).encode("the fox") == trained.encode("the fox")
+    assert len(trained) == 320

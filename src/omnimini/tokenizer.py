@@ -161,6 +161,9 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self.hf.id_to_token(token_id)
 
+    def __len__(self) -> int:
+        return self.vocab_size
+
     # ----------------------------------------------------------------- encode / decode
     def encode(self, text: str, allow_special: bool = True) -> list[int]:
         """Token ids of `text`; no BOS is added. With allow_special=False, "<|im_end|>" in user text is
@@ -209,7 +212,9 @@ class Tokenizer:
 
     # ----------------------------------------------------------------- chat
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None,
-                    add_generation_prompt: bool = True, image_tokens: int = 0) -> str:
+                    add_generation_prompt: bool = True, image_tokens: int = 0, **template_kwargs: Any) -> str:
+        """Render a conversation as prompt text. Extra keyword arguments reach the template as variables
+        (e.g. `enable_thinking` for Qwen3 templates, the API's `chat_template_kwargs`)."""
         if self.chat_template is None:
             raise ChatTemplateError("this tokenizer has no chat template (tokenizer_config.json has none)")
         if image_tokens < 0:
@@ -223,6 +228,7 @@ class Tokenizer:
         if images_in_messages and ours and (self.image_start is None or self.image_end is None):
             raise ChatTemplateError("the vocabulary lacks image start/end tokens")
         extra = {
+            **template_kwargs,
             "image_tokens": image_tokens,
             "image_token": self.image_token or "",
             "image_start": self.image_start or "",
@@ -235,8 +241,10 @@ class Tokenizer:
         )
 
     def encode_chat(self, messages: list[dict], tools: list[dict] | None = None,
-                    add_generation_prompt: bool = True, image_tokens: int = 0) -> list[int]:
-        text = self.render_chat(messages, tools, add_generation_prompt, image_tokens)
+                    add_generation_prompt: bool = True, image_tokens: int = 0, **template_kwargs: Any) -> list[int]:
+        # Special-token text inside message content is encoded as special tokens too, as transformers and
+        # vLLM do; callers that need stricter isolation must filter content first.
+        text = self.render_chat(messages, tools, add_generation_prompt, image_tokens, **template_kwargs)
         return self.encode(text, allow_special=True)
 
     # ----------------------------------------------------------------- persistence

@@ -151,3 +151,79 @@ def test_pointing_mask_excludes_objects_and_follows_relation():
         if ep.meta["relation"] == "left":
             grid = [(i / 50, j / 50) for i in range(51) for j in range(51)]
             assert all(x <= ep.meta["region"]["x1"] for x, y in grid if in_mask(ep.meta, x, y))
+
+
+# ---------------------------------------------------------------- planning
+
+
+def _tiny_world():
+    from omnimini.data.scenes.planning import PlanWorld
+
+    recs = {"table": {"slot": [0, 0], "closable": False, "open": True},
+            "fridge": {"slot": [1, 0], "closable": True, "open": False}}
+    objs = {"apple_1": {"type": "apple", "colour": "red", "at": "table"},
+            "cup_2": {"type": "cup", "colour": "blue", "at": "table"}}
+    return PlanWorld(recs, objs, [["in", "apple_1", "fridge"], ["closed", "fridge"]])
+
+
+def test_planning_simulator_checks_preconditions():
+    from omnimini.data.scenes.planning import InvalidAction, PlanSim
+
+    sim = PlanSim(_tiny_world())
+    with pytest.raises(InvalidAction, match="not at"):
+        sim.step("pick", ["apple_1"])
+    sim.step("goto", ["apple_1"])
+    sim.step("pick", ["apple_1"])
+    with pytest.raises(InvalidAction, match="already holds"):
+        sim.step("pick", ["cup_2"])
+    sim.step("goto", ["fridge"])
+    with pytest.raises(InvalidAction, match="closed"):
+        sim.step("place", ["apple_1", "fridge"])
+    with pytest.raises(InvalidAction, match="unknown skill"):
+        sim.step("teleport", ["fridge"])
+    with pytest.raises(InvalidAction, match="unknown receptacle"):
+        sim.step("goto", ["garage"])
+    sim.step("open", ["fridge"])
+    with pytest.raises(InvalidAction, match="already open"):
+        sim.step("open", ["fridge"])
+    sim.step("place", ["apple_1", "fridge"])
+    assert not all(sim.goal_holds(g) for g in sim.world.goals)  # fridge still open
+    sim.step("close", ["fridge"])
+    assert all(sim.goal_holds(g) for g in sim.world.goals)
+
+
+def test_planning_reference_plan_is_shortest_on_tiny_world():
+    from omnimini.data.scenes.planning import PlanSim, plan_reference
+
+    plan = plan_reference(_tiny_world())
+    assert [s for s, _ in plan] == ["goto", "pick", "goto", "open", "place", "close"]
+    assert PlanSim(_tiny_world()).run(plan)["success"]
+
+
+def test_parse_plan_formats():
+    from omnimini.data.scenes.planning import parse_plan
+
+    want = [("goto", ["table"]), ("pick", ["apple_1"]), ("place", ["apple_1", "fridge"])]
+    assert parse_plan("goto(table)\npick(apple_1)\nplace(apple_1, fridge)") == want
+    assert parse_plan("Plan:\n1. goto(table)\n2. pick('apple_1')\n3. place(apple_1, fridge)\nDone.") == want
+    assert parse_plan('["goto(table)", "pick(apple_1)", "place(apple_1, fridge)"]') == want
+    assert parse_plan('[{"skill": "goto", "args": ["table"]}, {"action": "pick", "args": ["apple_1"]},'
+                      ' {"skill": "place", "args": ["apple_1", "fridge"]}]') == want
+    assert parse_plan("- goto table\n- pick apple_1\n- place apple_1 in fridge") == want
+
+
+def test_planning_reference_succeeds_for_every_subset_and_broken_plans_fail():
+    from omnimini.data.scenes.planning import format_plan, parse_plan
+
+    fam = get_family("planning")
+    for subset in fam.subsets:
+        for ep in episodes("planning", range(20), subset):
+            res = fam.score(ep, ep.answer)
+            assert res["success"] and res["score"] == 1.0, (ep.prompt, ep.answer, res)
+            plan = parse_plan(ep.answer)
+            assert len(plan) == ep.meta["optimal_length"]
+            assert not fam.score(ep, format_plan(plan[:-1]))["success"]
+            assert not fam.score(ep, format_plan(plan[1:]))["success"]
+            if subset == "long_horizon":
+                assert len([g for g in ep.meta["goals"] if g[0] == "in"]) >= 4
+    assert not fam.score(fam.episode(0, "base"), "")["success"]

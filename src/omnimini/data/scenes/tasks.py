@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 from .base import Episode, SceneError, TaskFamily
+from .planning import PlanningFamily
 from .pointing import PointingFamily
 from .qa import QAFamily
 
@@ -18,6 +19,7 @@ EVAL_SEEDS = range(10_000_000, 10_010_000)
 FAMILIES: dict[str, TaskFamily] = {
     "qa": QAFamily(),
     "pointing": PointingFamily(),
+    "planning": PlanningFamily(),
 }
 
 

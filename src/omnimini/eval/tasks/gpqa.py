@@ -47,11 +47,13 @@ def read_gpqa_csv(path: Path) -> list[tuple[int, dict]]:
         if missing:
             raise EvalDataError(f"{path}:1: missing column(s) {', '.join(missing)}")
         rows = []
+        start = reader.line_num + 1
         for row in reader:
             empty = [c for c in REQUIRED if not (row.get(c) or "").strip()]
             if empty:  # name the columns, never their content
-                raise EvalDataError(f"{path}:{reader.line_num}: empty column(s) {', '.join(empty)}")
-            rows.append((reader.line_num, row))
+                raise EvalDataError(f"{path}:{start}: empty column(s) {', '.join(empty)}")
+            rows.append((start, row))
+            start = reader.line_num + 1  # a record may span several lines
     return rows
 
 

@@ -59,12 +59,11 @@ def normalize_answer(text: str) -> str:
     boxed = re.search(r"\\boxed\{(.*)\}", text)
     text = boxed.group(1) if boxed else text
     text = re.sub(r"\\(text|mathrm|textbf)\{([^}]*)\}", r"\2", text)
-    text = text.replace("$", "").replace("\\", "").lower()
-    text = re.sub(r"[\s\.,;:!\"'`*]+", " ", text).strip()
+    text = text.replace("$", "").replace("\\", "").replace("*", "").lower().strip().rstrip(".")
     try:
-        return repr(float(text.replace(" ", "")))
+        return repr(float(text.replace(",", "").replace(" ", "")))
     except ValueError:
-        return text
+        return re.sub(r"[\s\.,;:!\"'`]+", " ", text).strip()
 
 
 def final_answer(text: str) -> str:

@@ -1,0 +1,135 @@
+"""`omnimini eval ...`: run benchmarks on a local model or an endpoint; `eval compare` / `eval card`.
+
+    omnimini eval --endpoint URL [--api-key K] [--endpoint-model NAME] --tasks mmlu,gpqa --limit 20
+    omnimini eval --model DIR|NAME --tasks embodied
+    omnimini eval compare RESULTS...          leaderboard with GPT-4o mini as reference
+    omnimini eval card RESULTS... --params P  model card markdown (P: JSON file or inline JSON)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+from omnimini.eval.errors import EvalError
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    src = p.add_argument_group("model (one of)")
+    src.add_argument("--model", help="omnimini checkpoint directory or model name (in-process engine)")
+    src.add_argument("--endpoint", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    src.add_argument("--api-key", default=None, help="endpoint key (default: $OPENAI_API_KEY)")
+    src.add_argument("--endpoint-model", default=None, help="model name sent to the endpoint")
+    p.add_argument("--tasks", default=None, help="comma list: mmlu, mmlu_pro, gpqa_main, gpqa_diamond (gpqa), "
+                   "hle, scene_qa, pointing, planning, navigation; groups: text, embodied")
+    p.add_argument("--limit", type=int, default=None, help="items per subject/category (scene tasks: episodes)")
+    p.add_argument("--shots", type=int, default=0, help="few-shot examples (MMLU: from the dev split)")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    p.add_argument("--out", default=None, help="output directory (results.json, cache.jsonl)")
+    p.add_argument("--data", default=None, help="benchmark data directory (default: $OMNIMINI_DATA)")
+    p.add_argument("--mode", choices=["auto", "generate", "loglik"], default="auto",
+                   help="multiple-choice scoring: log-likelihood (base models) or generated letter (chat)")
+    p.add_argument("--max-tokens", type=int, default=None, help="generation budget (default: per task)")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    p.add_argument("--max-retries", type=int, default=4)
+    p.add_argument("--seed", type=int, default=1234, help="GPQA option shuffling seed")
+    p.add_argument("--params", default=None, help="card: JSON file or inline JSON with total_params, ...")
+    p.add_argument("--name", default=None, help="card: model name")
+
+
+def add_eval_subparser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("eval", help="evaluate a model or an OpenAI-compatible endpoint",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("eval_args", nargs="*", metavar="compare|card RESULTS",
+                   help="'compare RESULTS...' prints a leaderboard; 'card RESULTS...' a model card")
+    _add_run_options(p)
+    p.set_defaults(func=run_eval_cli)
+    return p
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:80] or "model"
+
+
+def make_client(args):
+    from omnimini.eval import clients
+
+    if bool(args.model) == bool(args.endpoint):
+        raise EvalError("give exactly one of --model DIR|NAME or --endpoint URL")
+    if args.model:
+        return clients.make_local_client(args.model)
+    key = args.api_key or os.environ.get("OPENAI_API_KEY")
+    return clients.OpenAIEndpointClient(args.endpoint, api_key=key, model=args.endpoint_model or "default",
+                                        concurrency=args.concurrency, timeout=args.timeout,
+                                        max_retries=args.max_retries)
+
+
+def _run(args) -> int:
+    from omnimini.eval.runner import RunConfig, format_summary, run
+    from omnimini.eval.tasks import get_tasks
+
+    if not args.tasks:
+        raise EvalError("--tasks is required, e.g. --tasks mmlu,gpqa_diamond,scene_qa")
+    tasks = get_tasks(args.tasks)  # validate names before starting a model
+    client = make_client(args)
+    out = Path(args.out or Path("eval-results") / _slug(args.endpoint_model or args.model or "endpoint"))
+    cfg = RunConfig(tasks=[t.name for t in tasks], out_dir=out, data_dir=args.data, limit=args.limit,
+                    shots=args.shots, mode=args.mode, max_tokens=args.max_tokens, temperature=args.temperature,
+                    concurrency=args.concurrency, seed=args.seed,
+                    extra={"endpoint": args.endpoint, "model_arg": args.model})
+    results = run(client, cfg, tasks)
+    print(format_summary(results))
+    print(f"results: {out / 'results.json'}")
+    return 0
+
+
+def _card(args, paths: list[str]) -> int:
+    from omnimini.eval.card import build_card
+    from omnimini.eval.compare import load_results
+
+    if not args.params:
+        raise EvalError("eval card needs --params (JSON file or inline JSON with total_params, active_params, "
+                        "tokens, moe)")
+    text = Path(args.params).read_text() if Path(args.params).exists() else args.params
+    try:
+        params = json.loads(text)
+    except ValueError as exc:
+        raise EvalError(f"--params is not valid JSON: {exc}") from None
+    print(build_card([load_results(p) for p in paths], params, name=args.name))
+    return 0
+
+
+def run_eval_cli(args) -> int:
+    try:
+        extra = list(args.eval_args or [])
+        if extra and extra[0] == "compare":
+            from omnimini.eval.compare import compare
+
+            if len(extra) < 2:
+                raise EvalError("eval compare needs at least one results.json (or run directory)")
+            print(compare(extra[1:]))
+            return 0
+        if extra and extra[0] == "card":
+            return _card(args, extra[1:])
+        if extra:
+            raise EvalError(f"unexpected arguments {extra}; did you mean 'eval compare RESULTS...'?")
+        return _run(args)
+    except (EvalError, NotImplementedError) as exc:
+        print(f"omnimini eval: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="omnimini")
+    add_eval_subparser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from omnimini.cli import main
+from omnimini.config import ModelConfig, MoEConfig, VisionConfig
+from omnimini.model import OmniModel
+from omnimini.tokenizer import Tokenizer
+
+TEXT = "The quick brown fox jumps over the lazy dog. Omni models see images and read text. " * 40
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ck")
+    (d / "corpus.txt").write_text(TEXT)
+    assert main(["tokenizer", "train", str(d / "corpus.txt"), "--vocab-size", "300", "--out", str(d / "tok")]) == 0
+    tok = Tokenizer.from_dir(d / "tok")
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                      intermediate_size=64, max_seq_len=96, moe=MoEConfig(num_experts=8, top_k=2,
+                                                                          expert_intermediate=16),
+                      vision=VisionConfig(image_size=32, patch_size=8, hidden_size=16, num_layers=1, num_heads=2,
+                                          intermediate_size=32), image_token_id=tok.image_token_id)
+    torch.manual_seed(0)
+    OmniModel(cfg).save_pretrained(d / "model", tokenizer=tok)
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(d / "red.png")
+    (d / "not_image.png").write_bytes(b"hello, I am text")
+    return d
+
+
+def run(capsys, *argv):
+    rc = main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_params_json_has_the_model_card_keys(capsys):
+    rc, out, _ = run(capsys, "params", "mini", "--tokens", "13T", "--json")
+    d = json.loads(out)
+    assert rc == 0
+    assert {"total_params", "active_params", "tokens", "token_param_ratio", "alscore"} <= set(d)
+    assert abs(d["total_params"] - 8e9) / 8e9 < 0.05
+    assert 1500 < d["token_param_ratio"] < 1750 and abs(d["alscore"] - 1.1) < 0.1
+    rc, out, _ = run(capsys, "params", "nano")
+    assert "ACTIVE parameters per token" in out and "routed experts" in out
+
+
+def test_generate_is_deterministic_and_streams_text(tiny_ckpt, capsys):
+    args = ["generate", "--model", str(tiny_ckpt / "model"), "The quick", "--max-tokens", "8"]
+    rc, a, _ = run(capsys, *args)
+    _, b, _ = run(capsys, *args)
+    assert rc == 0 and a == b and a.endswith("\n")
+    rc, c, _ = run(capsys, *args, "--temperature", "1.0", "--seed", "3", "--top-p", "0.9", "--top-k", "50")
+    rc2, d, _ = run(capsys, *args, "--temperature", "1.0", "--seed", "3", "--top-p", "0.9", "--top-k", "50")
+    assert rc == rc2 == 0 and c == d
+
+
+def test_generate_with_an_image(tiny_ckpt, capsys):
+    rc, out, err = run(capsys, "generate", "--model", str(tiny_ckpt / "model"), "what is this?", "--image",
+                       str(tiny_ckpt / "red.png"), "--max-tokens", "4")
+    assert rc == 0, err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["params", "gigantic"], "unknown preset 'gigantic'"),
+    (["generate", "--model", "/nonexistent/dir", "hi"], "/nonexistent/dir"),
+    (["generate", "--model", "{m}", "hi", "--image", "{d}/not_image.png"], "not a readable image"),
+    (["generate", "--model", "{m}", "hi", "--image", "{d}/missing.png"], "image file not found"),
+    (["generate", "--model", "{m}", "fox " * 200], "context window"),
+])
+def test_bad_input_gives_one_clear_line(tiny_ckpt, capsys, argv, needle):
+    argv = [a.format(m=tiny_ckpt / "model", d=tiny_ckpt) for a in argv]
+    rc, _, err = run(capsys, *argv)
+    assert rc != 0
+    assert needle in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_console_script_entry_point():
+    r = subprocess.run([sys.executable, "-m", "omnimini.cli", "params", "nano", "--json"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and json.loads(r.stdout)["total_params"] > 1e6

@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     try:
-        return int(args.fn(args) or 0)
+        fn = getattr(args, "fn", None) or args.func  # eval's subparser sets `func`
+        return int(fn(args) or 0)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

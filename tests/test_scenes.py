@@ -227,3 +227,68 @@ def test_planning_reference_succeeds_for_every_subset_and_broken_plans_fail():
             if subset == "long_horizon":
                 assert len([g for g in ep.meta["goals"] if g[0] == "in"]) >= 4
     assert not fam.score(fam.episode(0, "base"), "")["success"]
+
+
+# ---------------------------------------------------------------- navigation
+
+
+def test_navigation_reference_succeeds_and_random_policy_mostly_fails():
+    import random
+
+    fam = get_family("navigation")
+    random_wins = 0
+    for ep in episodes("navigation", range(30)):
+        res = fam.score(ep, ep.answer)
+        assert res["success"] and res["spl"] == 1.0 and res["steps"] == ep.meta["shortest"] <= 20
+        detour = "turn_left\nturn_right\n" + ep.answer
+        res = fam.score(ep, detour)
+        assert res["success"] and 0.0 < res["spl"] < 1.0
+        rng = random.Random(ep.seed)
+        acts = [rng.choice(["forward", "turn_left", "turn_right"]) for _ in range(19)] + ["stop"]
+        random_wins += fam.score(ep, "\n".join(acts))["success"]
+        assert not fam.score(ep, "stop")["success"]
+    assert random_wins <= 6
+
+
+def test_nav_env_interactive():
+    from omnimini.data.scenes import NavEnv
+
+    ep = get_family("navigation").episode(5)
+    env = NavEnv(5)
+    img, text = env.observe()
+    assert _png(img) == _png(ep.image) and "facing" in text
+    for a in ep.answer.splitlines():
+        img, text, done = env.step(a)
+    assert done and env.result() == {"success": True, "spl": 1.0, "steps": ep.meta["shortest"]}
+    with pytest.raises(SceneError, match="over"):
+        env.step("forward")
+    with pytest.raises(SceneError, match="unknown navigation action"):
+        NavEnv(5).step("jump")
+    env = NavEnv(5)
+    for _ in range(20):
+        *_, done = env.step("turn_left")
+    assert done and not env.result()["success"]
+
+
+def test_parse_actions_formats():
+    from omnimini.data.scenes.navigation import parse_actions
+
+    assert parse_actions("1. Move forward\n2. turn left\nforward x2\nThe star is on my right.\nSTOP") == [
+        "forward", "turn_left", "forward", "forward", "stop"]
+    assert parse_actions('["forward", "turn_right", "stop"]') == ["forward", "turn_right", "stop"]
+    assert parse_actions("forward, forward, then turn_left, stop") == ["forward", "forward", "turn_left", "stop"]
+
+
+# ---------------------------------------------------------------- preview CLI
+
+
+def test_preview_cli_writes_files(tmp_path):
+    from omnimini.data.scenes.__main__ import main
+
+    main(["--preview", str(tmp_path), "--n", "2", "--seed", "7"])
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert len(pngs) == 2 * len(FAMILIES) and "qa_7.png" in pngs
+    md = (tmp_path / "samples.md").read_text()
+    assert "## planning" in md and "**Answer**" in md
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * len(FAMILIES) and all(r["prompt"] and r["answer"] for r in rows)

@@ -5,7 +5,8 @@ the disjoint TRAIN_SEEDS / EVAL_SEEDS ranges.
 """
 
 from .base import Episode, SceneError, TaskFamily
+from .navigation import NavEnv
 from .tasks import EVAL_SEEDS, FAMILIES, TRAIN_SEEDS, episodes, get_family
 
-__all__ = ["EVAL_SEEDS", "FAMILIES", "TRAIN_SEEDS", "Episode", "SceneError", "TaskFamily", "episodes",
+__all__ = ["EVAL_SEEDS", "FAMILIES", "TRAIN_SEEDS", "Episode", "NavEnv", "SceneError", "TaskFamily", "episodes",
            "get_family"]

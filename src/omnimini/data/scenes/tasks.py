@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 from .base import Episode, SceneError, TaskFamily
+from .navigation import NavigationFamily
 from .planning import PlanningFamily
 from .pointing import PointingFamily
 from .qa import QAFamily
@@ -20,6 +21,7 @@ FAMILIES: dict[str, TaskFamily] = {
     "qa": QAFamily(),
     "pointing": PointingFamily(),
     "planning": PlanningFamily(),
+    "navigation": NavigationFamily(),
 }
 
 

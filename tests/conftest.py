@@ -3,6 +3,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
+
+from omnimini.config import ModelConfig, MoEConfig, VisionConfig
+from omnimini.model import OmniModel
+from omnimini.tokenizer import Tokenizer
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -16,3 +21,24 @@ def shared_data() -> Path:
     if not p.is_dir():
         pytest.skip(f"shared data folder not found at {p} (set OMNIMINI_DATA)")
     return p
+
+
+TEXT = "The quick brown fox jumps over the lazy dog. Omni models see images and read text. " * 40
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """A tiny MoE + vision checkpoint with its own trained tokenizer: dir/model, dir/red.png, dir/not_image.png."""
+    d = tmp_path_factory.mktemp("ck")
+    (d / "corpus.txt").write_text(TEXT)
+    tok = Tokenizer.train([d / "corpus.txt"], vocab_size=300, show_progress=False)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                      intermediate_size=64, max_seq_len=96, moe=MoEConfig(num_experts=8, top_k=2,
+                                                                          expert_intermediate=16),
+                      vision=VisionConfig(image_size=32, patch_size=8, hidden_size=16, num_layers=1, num_heads=2,
+                                          intermediate_size=32), image_token_id=tok.image_token_id)
+    torch.manual_seed(0)
+    OmniModel(cfg).save_pretrained(d / "model", tokenizer=tok)
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(d / "red.png")
+    (d / "not_image.png").write_bytes(b"hello, I am text")
+    return d

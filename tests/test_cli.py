@@ -3,33 +3,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from PIL import Image
 
 from omnimini.cli import main
-from omnimini.config import ModelConfig, MoEConfig, VisionConfig
-from omnimini.model import OmniModel
-from omnimini.tokenizer import Tokenizer
-
-TEXT = "The quick brown fox jumps over the lazy dog. Omni models see images and read text. " * 40
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ck")
-    (d / "corpus.txt").write_text(TEXT)
-    assert main(["tokenizer", "train", str(d / "corpus.txt"), "--vocab-size", "300", "--out", str(d / "tok")]) == 0
-    tok = Tokenizer.from_dir(d / "tok")
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                      intermediate_size=64, max_seq_len=96, moe=MoEConfig(num_experts=8, top_k=2,
-                                                                          expert_intermediate=16),
-                      vision=VisionConfig(image_size=32, patch_size=8, hidden_size=16, num_layers=1, num_heads=2,
-                                          intermediate_size=32), image_token_id=tok.image_token_id)
-    torch.manual_seed(0)
-    OmniModel(cfg).save_pretrained(d / "model", tokenizer=tok)
-    Image.new("RGB", (40, 30), (200, 30, 30)).save(d / "red.png")
-    (d / "not_image.png").write_bytes(b"hello, I am text")
-    return d
 
 
 def run(capsys, *argv):
@@ -83,3 +58,12 @@ def test_console_script_entry_point():
     r = subprocess.run([sys.executable, "-m", "omnimini.cli", "params", "nano", "--json"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and json.loads(r.stdout)["total_params"] > 1e6
+
+
+def test_tokenizer_train_command(tmp_path, capsys):
+    (tmp_path / "c.txt").write_text("hello world, hello tokens " * 50)
+    rc, out, _ = run(capsys, "tokenizer", "train", str(tmp_path / "c.txt"), "--vocab-size", "280",
+                     "--out", str(tmp_path / "tok"))
+    assert rc == 0 and (tmp_path / "tok" / "tokenizer.json").exists()
+    rc, _, err = run(capsys, "tokenizer", "train", str(tmp_path / "missing.txt"), "--vocab-size", "280")
+    assert rc != 0 and "missing.txt" in err

@@ -292,3 +292,17 @@ def test_preview_cli_writes_files(tmp_path):
     assert "## planning" in md and "**Answer**" in md
     rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * len(FAMILIES) and all(r["prompt"] and r["answer"] for r in rows)
+
+
+def test_nav_chat_env_runs_replies():
+    fam = get_family("navigation")
+    ep = fam.episode(9)
+    env = fam.make_env(ep)
+    obs = env.step(ep.answer)
+    assert env.done and env.result()["success"] and "facing" in obs["text"]
+    env = fam.make_env(ep)
+    for _ in range(env.max_steps):
+        if env.done:
+            break
+        env.step("I am not sure.")
+    assert env.done and not env.result()["success"]

@@ -216,6 +216,36 @@ class NavEnv:
         return self.result()
 
 
+class NavChatEnv:
+    """Chat adapter over NavEnv for multi-turn evaluation: `step(reply_text)` runs every action parsed
+    from a model reply (so a one-shot answer ending in stop finishes at once) and returns the next
+    observation as {"image", "text"}; a reply with no action costs one step so the loop is bounded."""
+
+    max_steps = MAX_STEPS + 1
+
+    def __init__(self, env: NavEnv):
+        self.env = env
+
+    @property
+    def done(self) -> bool:
+        return self.env.done
+
+    def step(self, reply: str) -> dict[str, Any]:
+        actions = parse_actions(reply)
+        if not actions:
+            self.env.moves += 1
+            self.env.last = "unreadable reply (no action found)"
+        for a in actions:
+            if self.env.done:
+                break
+            self.env.step(a)
+        img, text = self.env.observe()
+        return {"image": img, "text": text + " Reply with the next action(s), one per line; end with stop."}
+
+    def result(self) -> dict[str, Any]:
+        return self.env.result()
+
+
 class NavigationFamily:
     name = "navigation"
     subsets = ["default"]
@@ -242,6 +272,10 @@ class NavigationFamily:
         answer = "\n".join([*env.layout["reference"], "stop"])
         meta = {"layout": env.layout, "target": _target_name(env.layout), "shortest": env.layout["shortest"]}
         return Episode(self.name, seed, "default", img, prompt, answer, None, meta)
+
+    def make_env(self, ep: Episode) -> NavChatEnv:
+        """Interactive mode for chat models (used by the eval harness when present)."""
+        return NavChatEnv(NavEnv(ep.seed, self.image_size, layout=ep.meta["layout"]))
 
     def score(self, ep: Episode, response: str) -> dict[str, Any]:
         actions = parse_actions(response)

@@ -1,0 +1,146 @@
+"""Embodied adapters end to end (oracle and multi-turn navigation), model card, leaderboard, CLI."""
+
+import hashlib
+import json
+
+import pytest
+from test_eval_tasks import write_mmlu
+
+from omnimini.eval.card import build_card
+from omnimini.eval.cli import main as eval_main
+from omnimini.eval.clients import InProcessClient
+from omnimini.eval.compare import compare
+from omnimini.eval.errors import EvalDataError
+from omnimini.eval.reference import alscore, ratio_verdict
+from omnimini.eval.runner import RunConfig, run, write_results
+from omnimini.eval.tasks import get_tasks
+from omnimini.eval.tasks.base import TaskOptions
+
+
+def _key(message):
+    img = next(p["image"] for p in message["content"] if p["type"] == "image")
+    text = next(p["text"] for p in message["content"] if p["type"] == "text")
+    return hashlib.sha256(img.tobytes()).hexdigest() + text
+
+
+def test_embodied_oracle_scores_full_marks_and_reports_subscores():
+    pytest.importorskip("omnimini.data.scenes.navigation")
+    tasks = get_tasks("embodied")
+    answers = {_key(it.messages[0]): it.target for t in tasks for it in t.load(TaskOptions(limit=6))}
+    oracle = InProcessClient(lambda batch, p: [answers[_key(m[0])] for m in batch], model_id="oracle")
+    res = run(oracle, RunConfig(tasks=[t.name for t in tasks], limit=6), tasks)
+    for name, tr in res["tasks"].items():
+        assert tr["n_items"] == 6 and tr["n_failed"] == 0, name
+        assert tr["metrics"]["overall"]["mean"] == 1.0, name
+    assert res["tasks"]["navigation"]["metrics"]["spl"]["mean"] == 1.0
+    assert "by_qtype" in res["tasks"]["scene_qa"]["metrics"]
+    assert set(res["tasks"]["planning"]["metrics"]["groups"]) <= {
+        "base", "common_sense", "complex", "visual", "spatial", "long_horizon"}
+    assert all(i["seed"] >= 10_000_000 for i in res["tasks"]["planning"]["items"])  # evaluation seeds
+
+
+def test_navigation_is_multi_turn():
+    pytest.importorskip("omnimini.data.scenes.navigation")
+    task = get_tasks("navigation")[0]
+    items = task.load(TaskOptions(limit=3))
+    plans = {_key(it.messages[0]): it.target.splitlines() for it in items}
+
+    def one_action_per_turn(batch, params):
+        out = []
+        for msgs in batch:
+            done = sum(1 for m in msgs if m["role"] == "assistant")
+            out.append(plans[_key(msgs[0])][done])
+        return out
+
+    res = run(InProcessClient(one_action_per_turn, model_id="stepper"), RunConfig(tasks=["navigation"], limit=3),
+              [task])
+    tr = res["tasks"]["navigation"]
+    assert tr["metrics"]["overall"]["mean"] == 1.0
+    assert all(i["turns"] == len(plans[_key(it.messages[0])]) for i, it in zip(tr["items"], items, strict=True))
+    assert max(i["turns"] for i in tr["items"]) > 1
+
+
+def fake_results(tmp_path, model, scores):
+    """A results.json with the given {task: fraction} (n = 100 items each)."""
+    tasks = {}
+    for name, frac in scores.items():
+        k = round(100 * frac)
+        outcomes = [{"group": "g", "score": 1.0}] * k + [{"group": "g", "score": 0.0}] * (100 - k)
+        task = get_tasks(name)[0]
+        tasks[task.name] = {"metrics": task.aggregate(outcomes), "n_items": 100, "n_failed": 0,
+                            "timing": {"items_per_s": 1.0}, "items": []}
+    path = tmp_path / model / "results.json"
+    write_results({"model": model, "config": {"shots": 5}, "tasks": tasks}, path)
+    return path
+
+
+def test_alscore_and_ratio_verdict():
+    assert alscore(8, 13_000) == pytest.approx(1.075, abs=1e-3)
+    assert ratio_verdict(1625).startswith("beyond compute-optimal")
+    assert ratio_verdict(20).startswith("about compute-optimal")
+    assert ratio_verdict(2).startswith("under-trained")
+
+
+def test_model_card_has_gpt4o_mini_sections(tmp_path):
+    path = fake_results(tmp_path, "omni-tiny", {"mmlu": 0.3, "gpqa_diamond": 0.25, "scene_qa": 0.5,
+                                                 "navigation": 0.2})
+    card = build_card(json.loads(path.read_text()),
+                      {"total_params": 120e6, "active_params": 40e6, "tokens": 2.4e9, "moe": True})
+    for section in ("# omni-tiny", "## Overview", "## Model", "## Benchmarks", "## Embodied"):
+        assert section in card
+    assert "| Type | MoE (mixture of experts) |" in card
+    assert "| Total parameters | 120M (120,000,000) |" in card and "40M" in card
+    assert "| Token:param ratio | 20:1 — about compute-optimal" in card
+    assert f"| ALScore | {alscore(0.12, 2.4):.4f}" in card
+    assert "| MMLU | 30.0 [" in card and "| 100 | 5 | 82.0 |" in card
+    assert "| GPQA (diamond) | 25.0 [" in card and "| 40.2 |" in card
+    assert "| MMLU-Pro | not run |" in card and "| HLE | not run |" in card
+    assert "| Scene QA | 50.0 [" in card and "| Planning | not run |" in card
+
+
+def test_compare_leaderboard_includes_reference_row(tmp_path):
+    a = fake_results(tmp_path, "model-a", {"mmlu": 0.5, "scene_qa": 0.7})
+    b = fake_results(tmp_path, "model-b", {"mmlu": 0.9, "gpqa_diamond": 0.3})
+    table = compare([a, b.parent])  # a run directory works as well as its results.json
+    lines = table.splitlines()
+    assert lines[0].startswith("| Model | MMLU | MMLU-Pro | GPQA | HLE | Scene QA |")
+    rows = [ln for ln in lines[2:] if ln.startswith("| ")]
+    assert [r.split(" | ")[0] for r in rows] == ["| model-b", "| gpt-4o-mini (published)", "| model-a"]
+    assert "| gpt-4o-mini (published) | 82.0 | — | 40.2 | — | — | — | — | — | 24.0 | 32.7 | 33.3 |" in table
+    assert "| model-a | 50.0 | — | — | — | 70.0 |" in table
+    with pytest.raises(EvalDataError, match="results file not found"):
+        compare([tmp_path / "missing.json"])
+
+
+def test_cli_compare_card_and_errors(tmp_path, capsys):
+    a = fake_results(tmp_path, "model-a", {"mmlu": 0.5})
+    assert eval_main(["eval", "compare", str(a)]) == 0
+    assert "gpt-4o-mini (published)" in capsys.readouterr().out
+    params = json.dumps({"total_params": 1e9, "active_params": 1e9, "tokens": 1e12, "moe": False})
+    assert eval_main(["eval", "card", str(a), "--params", params, "--name", "mine"]) == 0
+    out = capsys.readouterr().out
+    assert "# mine" in out and "| Type | dense |" in out
+    assert eval_main(["eval", "--tasks", "mmlu"]) == 2
+    assert "exactly one of --model" in capsys.readouterr().err
+    assert eval_main(["eval", "--model", "x", "--tasks", "mmlu"]) == 2
+    assert "--endpoint instead" in capsys.readouterr().err
+    assert eval_main(["eval", "--endpoint", "http://127.0.0.1:9", "--tasks", "nope"]) == 2
+    assert "unknown task" in capsys.readouterr().err
+
+
+def test_cli_missing_data_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("OMNIMINI_DATA", raising=False)
+    rc = eval_main(["eval", "--endpoint", "http://127.0.0.1:9", "--tasks", "mmlu", "--out", str(tmp_path / "o"),
+                    "--data", str(tmp_path)])
+    assert rc == 2 and "mmlu/test/<subject>_test.csv" in capsys.readouterr().err
+
+
+def test_cli_endpoint_run_writes_results(tmp_path, capsys):
+    write_mmlu(tmp_path / "data")
+    # an endpoint that refuses connections: every item fails, but the run completes and reports it
+    rc = eval_main(["eval", "--endpoint", "http://127.0.0.1:9/v1", "--tasks", "mmlu", "--limit", "1",
+                    "--max-retries", "0", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "o")])
+    assert rc == 0
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert res["tasks"]["mmlu"]["n_items"] == 2 and res["tasks"]["mmlu"]["n_failed"] == 2
+    assert "results:" in capsys.readouterr().out

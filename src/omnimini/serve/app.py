@@ -1,0 +1,395 @@
+"""The OpenAI-compatible HTTP server: routes, SSE streaming, auth, limits, metrics, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import weakref
+from collections.abc import AsyncIterator
+from contextlib import aclosing, asynccontextmanager
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from omnimini.engine.scheduler import EngineError, EngineEvent, EngineRequest
+from omnimini.engine.tools import ToolStreamParser, parse_tool_calls
+from omnimini.serve import protocol as P
+from omnimini.serve.config import ServeConfig, add_serve_args, serve_config_from_args
+from omnimini.serve.errors import APIError, install_handlers, validation_error
+from omnimini.serve.limits import BodySizeLimit, ConcurrencyLimiter
+from omnimini.serve.metrics import Metrics
+from omnimini.serve.prepare import PreparedChat, prepare_chat, prepare_completion
+from omnimini.serve.registry import ModelRegistry, ServedModel, load_registry
+
+__all__ = ["ServeConfig", "add_serve_args", "build_app", "run_server", "serve_config_from_args"]
+
+log = logging.getLogger("omnimini.serve")
+STATIC = Path(__file__).parent / "static"
+FINISH = {"stop": "stop", "length": "length", "abort": "stop"}
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class _Lease:
+    """One slot of the concurrency limiter, released exactly once (also if a stream never starts)."""
+
+    def __init__(self, limiter: ConcurrencyLimiter):
+        limiter.acquire()
+        self.limiter, self.held = limiter, True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.limiter.release()
+
+
+class _CountRequests:
+    """Pure ASGI (BaseHTTPMiddleware would get in the way of streaming and disconnect detection)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [500]
+
+        async def send_status(msg):
+            if msg["type"] == "http.response.start":
+                status[0] = msg["status"]
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "other")
+            self.metrics.http.labels(route, str(status[0])).inc()
+
+
+def build_app(config: ServeConfig, registry: ModelRegistry | None = None) -> FastAPI:
+    registry = registry or load_registry(
+        config.models, config.aliases, config.quantize, max_batch=config.max_batch,
+        max_context=config.max_context, kv_budget_tokens=config.kv_budget_tokens, prefill_chunk=config.prefill_chunk)
+    limiter = ConcurrencyLimiter(config.limits.max_concurrent, config.limits.retry_after_s)
+    metrics = Metrics(registry)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        yield
+        await asyncio.to_thread(registry.shutdown, True, config.shutdown_timeout_s)
+
+    app = FastAPI(title="omnimini", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.registry, app.state.config, app.state.limiter = registry, config, limiter
+    install_handlers(app)
+    if config.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"])
+    app.add_middleware(BodySizeLimit, limit=config.limits.max_body_bytes)
+
+    keys = config.keys()
+
+    async def auth(request: Request) -> None:
+        if not keys:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        if not given:
+            raise APIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
+                           code="invalid_api_key")
+        if not any(secrets.compare_digest(given, k) for k in keys):
+            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+    app.add_middleware(_CountRequests, metrics=metrics)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "models": list(registry.models)}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/")
+    async def index():
+        page = STATIC / "index.html"
+        if not page.is_file():
+            raise APIError(404, "The web chat page is not installed.")
+        return FileResponse(page, media_type="text/html")
+
+    @app.get("/v1/models", dependencies=[Depends(auth)])
+    async def list_models():
+        data = [P.model_card(m.id, m.created) for m in registry.models.values()]
+        data += [P.model_card(a, registry.models[t].created) for a, t in registry.aliases.items()
+                 if a not in registry.models]
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(auth)])
+    async def get_model(model_id: str):
+        m = registry.get(model_id)
+        return P.model_card(model_id, m.created)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
+    async def chat(request: Request):
+        body = await parse_body(request, P.ChatCompletionRequest)
+        served = registry.get(body.model)
+        prep = await prepare_chat(body, served, config)
+        lease = _Lease(limiter)
+        if body.stream:
+            include = bool(body.stream_options and body.stream_options.include_usage)
+            gen = _chat_stream(served, prep, body.model, include, lease)
+            weakref.finalize(gen, lease.release)
+            return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            return await _chat_full(served, prep, body.model, request)
+        finally:
+            lease.release()
+
+    @app.post("/v1/completions", dependencies=[Depends(auth)])
+    async def completions(request: Request):
+        body = await parse_body(request, P.CompletionRequest)
+        served = registry.get(body.model)
+        reqs = prepare_completion(body, served, config)
+        lease = _Lease(limiter)
+        if body.stream:
+            include = bool(body.stream_options and body.stream_options.include_usage)
+            gen = _completion_stream(served, reqs, body, include, lease)
+            weakref.finalize(gen, lease.release)
+            return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            return await _completion_full(served, reqs, body, request)
+        finally:
+            lease.release()
+
+    return app
+
+
+async def parse_body(request: Request, model: type[BaseModel]):
+    """JSON body -> request model (whatever the Content-Type says); errors become OpenAI-shaped 400s."""
+    raw = await request.body()
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"We could not parse the JSON body of your request ({e.msg if hasattr(e, 'msg') else e})."
+                       " The OpenAI API expects a JSON payload.") from None
+    if not isinstance(obj, dict):
+        raise APIError(400, "The request body must be a JSON object.")
+    try:
+        return model.model_validate(obj)
+    except ValidationError as e:
+        raise validation_error(e.errors()) from None
+
+
+# ---- generation helpers -------------------------------------------------------------------------------------
+
+async def _merged(served: ServedModel, reqs: list[EngineRequest]) -> AsyncIterator[tuple[int, EngineEvent]]:
+    """Events of several engine requests as one stream of (request number, event)."""
+    if len(reqs) == 1:
+        async with aclosing(served.engine.stream(reqs[0])) as events:
+            async for ev in events:
+                yield 0, ev
+        return
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, r):
+        try:
+            async with aclosing(served.engine.stream(r)) as events:
+                async for ev in events:
+                    await q.put((i, ev))
+        except Exception as e:  # handed to the consumer
+            await q.put((i, e))
+        await q.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(reqs)]
+    try:
+        left = len(tasks)
+        while left:
+            i, ev = await q.get()
+            if ev is None:
+                left -= 1
+            elif isinstance(ev, Exception):
+                raise ev
+            else:
+                yield i, ev
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _watch_disconnect(request: Request, task: asyncio.Task) -> None:
+    while not task.done():
+        if await request.is_disconnected():
+            task.cancel()
+            return
+        await asyncio.sleep(0.25)
+
+
+async def _run_until_done(coro, request: Request):
+    """Run a non-streaming generation, cancelling it (and freeing its slots) if the client goes away."""
+    task = asyncio.ensure_future(coro)
+    watcher = asyncio.create_task(_watch_disconnect(request, task))
+    try:
+        return await task
+    except asyncio.CancelledError:
+        return Response(status_code=499)
+    finally:
+        watcher.cancel()
+
+
+def _engine_error(e: Exception) -> APIError:
+    return APIError(500, f"Generation failed: {e}", code="engine_error")
+
+
+async def _chat_full(served: ServedModel, prep: PreparedChat, model_name: str, request: Request):
+    async def collect():
+        n = prep.request.n
+        texts, lps = [[] for _ in range(n)], [[] for _ in range(n)]
+        reasons, toks = [None] * n, [0] * n
+        try:
+            async for _, ev in _merged(served, [prep.request]):
+                texts[ev.index].append(ev.text)
+                lps[ev.index].extend(ev.logprobs)
+                if ev.finish_reason:
+                    reasons[ev.index], toks[ev.index] = ev.finish_reason, ev.completion_tokens
+        except EngineError as e:
+            raise _engine_error(e) from None
+        choices = []
+        for i in range(n):
+            text, reason = "".join(texts[i]), FINISH.get(reasons[i], "stop")
+            msg = {"role": "assistant", "content": text, "refusal": None}
+            if prep.tool_mode:
+                content, calls = parse_tool_calls(text, prep.tool_mode == "forced", prep.parallel_tools)
+                if calls:
+                    msg = {"role": "assistant", "content": content, "refusal": None,
+                           "tool_calls": [c.to_openai() for c in calls]}
+                    reason = "tool_calls"
+            choices.append({"index": i, "message": msg, "finish_reason": reason,
+                            "logprobs": P.chat_logprobs(lps[i]) if prep.request.params.logprobs else None})
+        return P.chat_completion(P.new_id("chatcmpl"), P.now(), model_name, choices,
+                                 P.usage(prep.prompt_tokens, sum(toks)))
+
+    return await _run_until_done(collect(), request)
+
+
+async def _chat_stream(served, prep: PreparedChat, model_name: str, include_usage: bool, lease: _Lease):
+    rid, created, n = P.new_id("chatcmpl"), P.now(), prep.request.n
+    chunk = lambda choices, use=None: _sse(P.chat_chunk(rid, created, model_name, choices, use))  # noqa: E731
+    parsers = [ToolStreamParser(prep.tool_mode == "forced", prep.parallel_tools) if prep.tool_mode else None
+               for _ in range(n)]
+    toks = [0] * n
+    try:
+        for i in range(n):
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])
+        async for _, ev in _merged(served, [prep.request]):
+            i, parser = ev.index, parsers[ev.index]
+            text = parser.feed(ev.text) if parser else ev.text
+            lp = P.chat_logprobs(ev.logprobs) if ev.logprobs else None
+            if text or lp:
+                yield chunk([{"index": i, "delta": {"content": text}, "logprobs": lp, "finish_reason": None}])
+            if ev.finish_reason is None:
+                continue
+            toks[i] = ev.completion_tokens
+            reason = FINISH.get(ev.finish_reason, "stop")
+            if parser:
+                rest, calls = parser.finish()
+                if rest:
+                    yield chunk([{"index": i, "delta": {"content": rest}, "logprobs": None, "finish_reason": None}])
+                for k, c in enumerate(calls):
+                    head = {"index": k, "id": c.id, "type": "function", "function": {"name": c.name, "arguments": ""}}
+                    yield chunk([{"index": i, "delta": {"tool_calls": [head]}, "logprobs": None,
+                                  "finish_reason": None}])
+                    args = {"index": k, "function": {"arguments": c.arguments}}
+                    yield chunk([{"index": i, "delta": {"tool_calls": [args]}, "logprobs": None,
+                                  "finish_reason": None}])
+                if calls:
+                    reason = "tool_calls"
+            yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}])
+        if include_usage:
+            yield chunk([], P.usage(prep.prompt_tokens, sum(toks)))
+        yield "data: [DONE]\n\n"
+    except EngineError as e:
+        yield _sse(P.error_body(f"Generation failed: {e}", "server_error", None, "engine_error"))
+    finally:
+        lease.release()
+
+
+async def _completion_full(served, reqs: list[EngineRequest], body: P.CompletionRequest, request: Request):
+    tok = served.tokenizer
+
+    async def collect():
+        n = body.n
+        parts: dict[int, dict] = {}
+        try:
+            async for ri, ev in _merged(served, reqs):
+                c = parts.setdefault(ri * n + ev.index, {"text": [], "lp": [], "reason": None, "toks": 0})
+                c["text"].append(ev.text)
+                c["lp"].extend(ev.logprobs)
+                if ev.finish_reason:
+                    c["reason"], c["toks"] = ev.finish_reason, ev.completion_tokens
+        except EngineError as e:
+            raise _engine_error(e) from None
+        choices = []
+        for idx in sorted(parts):
+            c = parts[idx]
+            prefix = tok.decode(reqs[idx // n].prompt_ids) if body.echo else ""
+            choices.append({"index": idx, "text": prefix + "".join(c["text"]),
+                            "logprobs": P.completion_logprobs(c["lp"], len(prefix)) if body.logprobs is not None
+                            else None, "finish_reason": FINISH.get(c["reason"], "stop")})
+        prompt_tokens = sum(len(r.prompt_ids) for r in reqs)
+        return {"id": P.new_id("cmpl"), "object": "text_completion", "created": P.now(), "model": body.model,
+                "system_fingerprint": "omnimini", "choices": choices,
+                "usage": P.usage(prompt_tokens, sum(c["toks"] for c in parts.values()))}
+
+    return await _run_until_done(collect(), request)
+
+
+async def _completion_stream(served, reqs, body: P.CompletionRequest, include_usage: bool, lease: _Lease):
+    rid, created, n = P.new_id("cmpl"), P.now(), body.n
+    toks: dict[int, int] = {}
+
+    def chunk(choices, use=None):
+        return _sse({"id": rid, "object": "text_completion", "created": created, "model": body.model,
+                     "system_fingerprint": "omnimini", "choices": choices, "usage": use})
+
+    try:
+        if body.echo:
+            for ri, r in enumerate(reqs):
+                for j in range(n):
+                    yield chunk([{"index": ri * n + j, "text": served.tokenizer.decode(r.prompt_ids),
+                                  "logprobs": None, "finish_reason": None}])
+        async for ri, ev in _merged(served, reqs):
+            idx = ri * n + ev.index
+            lp = P.completion_logprobs(ev.logprobs, 0) if body.logprobs is not None and ev.logprobs else None
+            reason = FINISH.get(ev.finish_reason) if ev.finish_reason else None
+            if ev.text or lp or reason:
+                yield chunk([{"index": idx, "text": ev.text, "logprobs": lp, "finish_reason": reason}])
+            if ev.finish_reason:
+                toks[idx] = ev.completion_tokens
+        if include_usage:
+            yield chunk([], P.usage(sum(len(r.prompt_ids) for r in reqs), sum(toks.values())))
+        yield "data: [DONE]\n\n"
+    except EngineError as e:
+        yield _sse(P.error_body(f"Generation failed: {e}", "server_error", None, "engine_error"))
+    finally:
+        lease.release()
+
+
+# ---- running ------------------------------------------------------------------------------------------------
+
+def run_server(config: ServeConfig) -> None:
+    import uvicorn
+
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = build_app(config)
+    where = f"http://{config.host}:{config.port}"
+    log.info("serving %s at %s/v1 (web chat: %s/)", ", ".join(app.state.registry.ids()), where, where)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level,
+                timeout_graceful_shutdown=int(config.shutdown_timeout_s))
+

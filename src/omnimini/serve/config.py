@@ -1,0 +1,82 @@
+"""ServeConfig and its command-line flags (`omnimini serve`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+
+from omnimini.serve.limits import ServeLimits
+
+API_KEY_ENV = "OMNIMINI_API_KEY"
+
+
+@dataclass
+class ServeConfig:
+    # paths / names; None = the bundled default model; a (id, model, tokenizer) tuple serves an in-memory model
+    models: list = field(default_factory=lambda: [None])
+    aliases: dict[str, str | None] = field(default_factory=lambda: {"gpt-4o-mini": None})  # None = first model
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: list[str] = field(default_factory=list)
+    quantize: str = "none"
+    max_batch: int = 16
+    max_context: int | None = 4096  # per-sequence KV rows; capped by the model's own window
+    kv_budget_tokens: int | None = None
+    prefill_chunk: int = 256
+    limits: ServeLimits = field(default_factory=ServeLimits)
+    cors_origins: list[str] = field(default_factory=list)
+    allow_remote_images: bool = False
+    remote_image_timeout_s: float = 10.0
+    shutdown_timeout_s: float = 30.0
+    log_level: str = "info"
+
+    def keys(self) -> set[str]:
+        env = os.environ.get(API_KEY_ENV, "")
+        return {k for k in [*self.api_keys, *env.split(",")] if k.strip()}
+
+
+def _alias(text: str) -> tuple[str, str]:
+    name, sep, target = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"--alias expects NAME=MODEL, got {text!r}")
+    return name, target
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    d, lim = ServeConfig(), ServeLimits()
+    p.add_argument("--model", "-m", action="append", dest="models", metavar="PATH_OR_NAME",
+                   help="model to serve (repeat for several); default: the bundled default model")
+    p.add_argument("--alias", action="append", type=_alias, default=[], metavar="NAME=MODEL",
+                   help="extra model name clients may use (default: gpt-4o-mini=<first model>)")
+    p.add_argument("--host", default=d.host, help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument("--api-key", action="append", dest="api_keys", default=[],
+                   help=f"require this bearer key (repeatable; also env {API_KEY_ENV}, comma-separated)")
+    p.add_argument("--quantize", default=d.quantize, help="weight quantization mode (none, int8, ...)")
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help="sequences decoded together")
+    p.add_argument("--max-context", type=int, default=d.max_context, help="max tokens per sequence (KV rows)")
+    p.add_argument("--kv-budget-tokens", type=int, default=None, help="KV tokens reserved at once (queue beyond)")
+    p.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk)
+    p.add_argument("--max-concurrent", type=int, default=lim.max_concurrent, help="in-flight requests before 429")
+    p.add_argument("--max-tokens-limit", type=int, default=lim.max_tokens, help="largest max_tokens accepted")
+    p.add_argument("--max-body-bytes", type=int, default=lim.max_body_bytes)
+    p.add_argument("--max-image-bytes", type=int, default=lim.max_image_bytes)
+    p.add_argument("--max-image-pixels", type=int, default=lim.max_image_pixels)
+    p.add_argument("--cors-origin", action="append", dest="cors_origins", default=[],
+                   help="allow browser requests from this origin (CORS is off by default)")
+    p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (off by default)")
+    p.add_argument("--log-level", default=d.log_level)
+
+
+def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
+    lim = ServeLimits(max_body_bytes=args.max_body_bytes, max_image_bytes=args.max_image_bytes,
+                      max_image_pixels=args.max_image_pixels, max_tokens=args.max_tokens_limit,
+                      max_concurrent=args.max_concurrent)
+    aliases: dict[str, str | None] = {"gpt-4o-mini": None}
+    aliases.update(dict(args.alias))
+    return ServeConfig(models=args.models or [None], aliases=aliases, host=args.host, port=args.port,
+                       api_keys=args.api_keys, quantize=args.quantize, max_batch=args.max_batch,
+                       max_context=args.max_context, kv_budget_tokens=args.kv_budget_tokens,
+                       prefill_chunk=args.prefill_chunk, limits=lim, cors_origins=args.cors_origins,
+                       allow_remote_images=args.allow_remote_images, log_level=args.log_level)

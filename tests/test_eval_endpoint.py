@@ -277,3 +277,11 @@ def test_scene_qa_runs_with_subscores():
     assert set(m["by_format"]) <= {"mc", "short"} and m["groups"] and m["by_qtype"]
     mc = [i for i in tr["items"] if i["format"] == "mc"]
     assert all(i["correct"] == (i["target"] == "A") for i in mc)
+
+
+def test_loglik_mode_needs_a_loglik_client(tmp_path):
+    from omnimini.eval.errors import EvalError
+
+    data = write_mmlu(tmp_path / "data")
+    with pytest.raises(EvalError, match="--mode loglik needs"):
+        run(InProcessClient(lambda b, p: ["A"] * len(b)), RunConfig(tasks=["mmlu"], data_dir=data, mode="loglik"))

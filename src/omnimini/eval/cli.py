@@ -82,7 +82,12 @@ def _run(args) -> int:
                     shots=args.shots, mode=args.mode, max_tokens=args.max_tokens, temperature=args.temperature,
                     concurrency=args.concurrency, seed=args.seed,
                     extra={"endpoint": args.endpoint, "model_arg": args.model})
-    results = run(client, cfg, tasks)
+    try:
+        results = run(client, cfg, tasks)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: answers so far are cached in {out / 'cache.jsonl'}; rerun the same command "
+              "to resume", file=sys.stderr)
+        return 130
     print(format_summary(results))
     print(f"results: {out / 'results.json'}")
     return 0

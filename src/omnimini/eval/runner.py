@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from omnimini.eval.cache import ResponseCache, cache_key
 from omnimini.eval.clients import ChatResult, Client
+from omnimini.eval.errors import EvalError
 from omnimini.eval.tasks import get_tasks
 from omnimini.eval.tasks.base import EvalItem, Task, TaskOptions
 
@@ -101,6 +102,9 @@ async def _run_item(task: Task, item: EvalItem, ctx: RunContext, sem: asyncio.Se
 async def run_task(client: Client, task: Task, cfg: RunConfig, cache: ResponseCache) -> dict:
     items = task.load(cfg.task_options())
     ctx = RunContext(client, cache, task, cfg)
+    if cfg.mode == "loglik" and not ctx.client_supports_loglik:
+        raise EvalError(f"--mode loglik needs a client with log-likelihoods; {client.model_id} has none "
+                        "(chat endpoints are scored with --mode generate)")
     sem = asyncio.Semaphore(cfg.concurrency)
     start = time.perf_counter()
     records: list[dict] = []

@@ -11,7 +11,7 @@ import csv
 from pathlib import Path
 
 from omnimini.eval.errors import EvalDataError
-from omnimini.eval.tasks.base import EvalItem, Task, TaskOptions, limit_per_group, require_data_dir
+from omnimini.eval.tasks.base import EvalItem, Task, TaskOptions, require_data_dir
 
 LETTERS4 = "ABCD"
 CHAT_SYSTEM = (
@@ -76,9 +76,9 @@ class MMLU(Task):
         for subject in self.subjects(root):
             shots = self.dev_rows(root, subject, opts.shots)
             rows = read_mmlu_csv(root / "mmlu" / "test" / f"{subject}_test.csv")
-            rows = rows[: opts.limit] if opts.limit is not None else rows
+            rows = rows[: opts.limit] if opts.limit is not None else rows  # lm-eval's --limit: per subject
             items += [self.make_item(subject, i, row, shots) for i, row in enumerate(rows)]
-        return limit_per_group(items, opts.limit)
+        return items
 
     def make_item(self, subject: str, index: int, row: dict, shots: list[dict]) -> EvalItem:
         prompt = build_prompt(subject, row, shots)

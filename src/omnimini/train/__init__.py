@@ -1,0 +1,1 @@
+"""Training: config, the training loop (single process or torchrun + FSDP2), checkpoints, recipes."""

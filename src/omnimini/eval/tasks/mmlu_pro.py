@@ -54,8 +54,8 @@ class MMLUPro(Task):
 
     def make_item(self, path: Path, lineno: int, row: dict) -> EvalItem:
         options = row["options"]
-        if not isinstance(options, list) or not 2 <= len(options) <= 10:
-            raise EvalDataError(f"{path}:{lineno}: options must be a list of 2-10 strings")
+        if not isinstance(options, list) or not 1 <= len(options) <= 10:  # the real set has 1-option rows
+            raise EvalDataError(f"{path}:{lineno}: options must be a list of 1-10 strings")
         answer = str(row["answer"]).strip().upper()
         if answer not in LETTERS[: len(options)]:
             raise EvalDataError(f"{path}:{lineno}: answer {row['answer']!r} is not one of the "

@@ -1,0 +1,47 @@
+"""Score a trained model on held-out procedural scene episodes (EVAL_SEEDS), with greedy decoding."""
+
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from omnimini.data.scene_samples import eval_pixels, make_family
+
+
+def _prompt_ids(tok, ep, tokens_per_image: int) -> list[int]:
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ep.prompt}]}]
+    return tok.encode_chat(msgs, add_generation_prompt=True, image_tokens=tokens_per_image)
+
+
+@torch.no_grad()
+def evaluate_scenes(model, tok, family: str = "qa", n: int = 200, qa_format: str | None = "mc",
+                    batch_size: int = 16, max_tokens: int = 8, seed_offset: int = 0, progress: bool = False) -> dict:
+    """Accuracy of greedy answers on the first n EVAL_SEEDS episodes, next to chance (1/#options)."""
+    from omnimini.data.scenes.tasks import EVAL_SEEDS
+    from omnimini.engine.generate import GenRequest, generate
+    from omnimini.engine.sampling import SamplingParams
+
+    vis = model.config.vision
+    fam = make_family(family, vis.image_size, qa_format)
+    eps = [fam.episode(EVAL_SEEDS[seed_offset + i]) for i in range(n)]
+    model.eval()
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    results = []
+    for i in tqdm(range(0, n, batch_size), disable=not progress, desc=f"eval {family}"):
+        chunk = eps[i:i + batch_size]
+        reqs = [GenRequest(_prompt_ids(tok, ep, vis.tokens_per_image), params, eval_pixels(ep, vis.image_size))
+                for ep in chunk]
+        outs = generate(model, reqs, tok.eos_token_ids)
+        for ep, ids in zip(chunk, outs, strict=True):
+            text = tok.decode(ids, skip_special=True)
+            results.append({**fam.score(ep, text), "response": text, "subset": ep.subset,
+                            "n_choices": len(ep.choices) if ep.choices else None})
+    acc = sum(r["score"] for r in results) / max(1, len(results))
+    mc = [r for r in results if r["n_choices"]]
+    chance = sum(1 / r["n_choices"] for r in mc) / len(mc) if mc else None
+    by_subset: dict[str, list[float]] = {}
+    for r in results:
+        by_subset.setdefault(r["subset"], []).append(r["score"])
+    return {"family": family, "format": qa_format, "n": len(results), "accuracy": acc, "chance": chance,
+            "by_subset": {k: sum(v) / len(v) for k, v in sorted(by_subset.items())},
+            "examples": [{k: r[k] for k in ("response", "parsed", "success")} for r in results[:5]]}

@@ -13,7 +13,7 @@ import torch
 from omnimini.config import ModelConfig, VisionConfig
 from omnimini.engine.generate import GenRequest, generate
 from omnimini.engine.sampling import SamplingParams
-from omnimini.engine.scheduler import Engine, EngineRequest, RequestTooLargeError, _holdback
+from omnimini.engine.scheduler import Engine, EngineClosedError, EngineRequest, RequestTooLargeError, _holdback
 from omnimini.engine.structured import GrammarError, schema_constraint
 from omnimini.model import OmniModel
 from omnimini.tokenizer import Tokenizer
@@ -246,3 +246,23 @@ def test_async_stream_and_abort_frees_slot(model, tok):
     assert eng.stats.requests_finished.get("abort") == 1
     eng.shutdown()
     assert eng._free_slots == [0]
+
+
+def test_graceful_shutdown_finishes_in_flight_work(model, tok):
+    eng = Engine(model, tok, max_batch=2)
+    events = []
+    eng.submit(EngineRequest(prompts(tok, 1)[0], SamplingParams(temperature=0, max_tokens=15, ignore_eos=True)),
+               events.append)
+    eng.shutdown(wait=True, timeout=60)
+    assert events[-1].finish_reason == "length" and events[-1].completion_tokens == 15
+    with pytest.raises(EngineClosedError):
+        eng.submit(EngineRequest([1, 2, 3]), events.append)
+    # cancelling shutdown: in-flight requests end with "abort" at once
+    eng2 = Engine(model, tok, max_batch=2)
+    ev2 = []
+    eng2.submit(EngineRequest(prompts(tok, 1)[0], SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)),
+                ev2.append)
+    while not ev2:
+        time.sleep(0.005)
+    eng2.shutdown(wait=False)
+    assert ev2[-1].finish_reason == "abort"

@@ -447,3 +447,19 @@ def test_disconnect_mid_stream_frees_slot(stack):
     assert served.engine.stats.requests_finished.get("abort", 0) == aborted + 1
     assert len(served.engine._free_slots) == served.engine.max_batch
     assert srv.app.state.limiter.active == 0
+
+
+def test_non_streaming_client_timeout_frees_slot(stack):
+    srv = stack[0]
+    served = srv.app.state.registry.get("main")
+    aborted = served.engine.stats.requests_finished.get("abort", 0)
+    no_eos = {str(t): -100 for t in stack[1].eos_token_ids}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(srv.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=0.1,
+                   json={"model": "main", "messages": HELLO, "max_tokens": 256, "n": 8, "logit_bias": no_eos})
+    deadline = time.time() + 30
+    while time.time() < deadline and served.engine._active:
+        time.sleep(0.05)
+    assert not served.engine._active
+    assert served.engine.stats.requests_finished.get("abort", 0) == aborted + 1
+    assert srv.app.state.limiter.active == 0

@@ -127,13 +127,14 @@ def make_fake_app(log: FakeLog):
 class ServerThread:
     """uvicorn in a daemon thread on a free 127.0.0.1 port."""
 
-    def __init__(self, app):
+    def __init__(self, app, lifespan: str = "off"):
         import uvicorn
 
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan=lifespan,
+                                                    timeout_graceful_shutdown=5))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self):
@@ -424,3 +425,71 @@ def test_phone_width_layout(browser, fake, tmp_path):
     assert sbox["width"] <= 375 and sbox["x"] >= 0
     pg.screenshot(path="/tmp/webchat_phone_settings.png")
     ctx.close()
+
+
+def _real_server_stack(tmp: Path):
+    """The project's own server (omnimini.serve) with a tiny random vision model and an API key."""
+    import random
+
+    import torch
+
+    from omnimini.config import ModelConfig, VisionConfig
+    from omnimini.model import OmniModel
+    from omnimini.serve.app import build_app
+    from omnimini.serve.config import ServeConfig
+    from omnimini.tokenizer import Tokenizer
+
+    rng = random.Random(0)
+    words = "the quick brown fox jumps over a lazy dog hello world red green image".split()
+    corpus = tmp / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(rng.choice(words) for _ in range(10)) for _ in range(200)))
+    tok = Tokenizer.train([str(corpus)], 300, show_progress=False)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                      intermediate_size=64, max_seq_len=512,
+                      vision=VisionConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=1, num_heads=2,
+                                          intermediate_size=64, pixel_shuffle=2),
+                      image_token_id=tok.image_token_id)
+    model = OmniModel(cfg).eval()
+    return build_app(ServeConfig(models=[("tiny-vision", model, tok)], aliases={}, api_keys=["sk-real"],
+                                 max_batch=2, max_context=512))
+
+
+def test_against_real_server(browser, tmp_path):
+    try:
+        app = _real_server_stack(tmp_path)
+    except ImportError as e:
+        pytest.skip(f"omnimini.serve is not available yet: {e}")
+    with ServerThread(app, lifespan="on") as srv:
+        ctx = browser.new_context(viewport={"width": 1000, "height": 760})
+        pg = ctx.new_page()
+        pg.set_default_timeout(20000)
+        errors: list[str] = []
+        pg.on("pageerror", lambda e: errors.append(str(e)))
+        pg.goto(srv.url)
+        # Without the key the server answers 401 and the page says so; with it, the models load.
+        pg.wait_for_function("() => document.querySelector('#error-text').textContent.includes('401')")
+        assert "API key" in pg.text_content("#error-text")
+        pg.click("#settings-toggle")
+        pg.fill("#api-key", "sk-real")
+        pg.locator("#api-key").dispatch_event("change")
+        pg.fill("#max-tokens", "6")
+        pg.fill("#seed", "1")
+        pg.click("#settings-close")
+        pg.wait_for_function("() => document.querySelector('#model option[value=\"tiny-vision\"]')")
+        pg.select_option("#model", "tiny-vision")
+        assert not pg.locator("#error").is_visible()
+
+        pg.set_input_files("#file-input", str(_png(tmp_path)))
+        pg.locator("#attachments .thumb").wait_for()
+        pg.fill("#input", "what colour is this image")
+        pg.press("#input", "Enter")
+        _wait_done(pg, timeout=60000)
+        assert not pg.locator("#error").is_visible(), pg.text_content("#error-text")
+        # The random model's six tokens arrived and were counted by the server's usage chunk.
+        assert pg.locator(".msg.assistant .bubble").count() == 1
+        assert "6 tokens" in pg.locator(".msg.assistant .meta").text_content()
+        assert "cut off at max tokens" in pg.locator(".msg.assistant .meta").text_content()
+        assert pg.locator(".msg.user img").count() == 1
+        ctx.close()
+        assert not errors, f"JavaScript errors on the page: {errors}"

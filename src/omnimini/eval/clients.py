@@ -267,8 +267,7 @@ class InProcessClient:
 
 
 def make_local_client(model_name_or_dir: str) -> Client:
-    """Hook for ``omnimini eval --model``: builds an InProcessClient over the engine."""
-    raise NotImplementedError(
-        f"in-process evaluation of {model_name_or_dir!r} needs the omnimini engine, which is not wired "
-        "into the eval harness yet; serve the model (`omnimini serve`) and use --endpoint instead"
-    )
+    """``omnimini eval --model``: an InProcessClient over the model (batched generation + log-likelihood)."""
+    from omnimini.eval.local import make_local_client as local
+
+    return local(model_name_or_dir)

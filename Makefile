@@ -19,7 +19,7 @@ serve: $(STAMP)
 	$(BIN)/omnimini serve $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check .
 
 # headless Chromium for the web-chat browser test (Debian package; best effort: the test skips without it)
 browser:
@@ -28,7 +28,7 @@ browser:
 	  echo "note: chromium not installed; the browser test will be skipped"
 
 test: $(STAMP) browser
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(ARGS)
 
 test-slow: $(STAMP)

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from omnimini.chat_cli import ChatInputError, image_data_url, openai_stream_fn, run_chat
+from omnimini.chat_cli import ChatInputError, ChatSession, chat_loop, image_data_url, openai_stream_fn, run_chat
 
 
 class FakeStream:
@@ -41,12 +41,26 @@ def _png(tmp_path, name="img.png", size=(5, 3)):
     return path
 
 
-def _chat(lines: list[str], stream_fn, **kw):
+def _chat(lines: list[str], stream_fn, model="assistant", system=None):
     out = io.StringIO()
     if isinstance(stream_fn, FakeStream):
         stream_fn.out = out
-    history = run_chat(stream_fn, stdin=io.StringIO("\n".join(lines) + "\n"), stdout=out, **kw)
-    return history, out.getvalue()
+    session = ChatSession(stream_fn, system=system)
+    chat_loop(session, io.StringIO("\n".join(lines) + "\n"), out, label=model)
+    return session.history, out.getvalue()
+
+
+def test_run_chat_entry_point():
+    fake = FakeStream()
+    out = io.StringIO()
+    fake.out = out
+    assert run_chat(stream_fn=fake, system="S", stdin=io.StringIO("hey\n/quit\n"), stdout=out) == 0
+    assert "assistant> Hello (0 images)" in out.getvalue()
+    assert fake.calls == [[{"role": "system", "content": "S"}, {"role": "user", "content": "hey"}]]
+    with pytest.raises(ChatInputError, match="exactly one"):
+        run_chat()
+    with pytest.raises(ChatInputError, match="base URL or a stream_fn"):
+        run_chat(42)
 
 
 def test_streams_reply_and_keeps_history():

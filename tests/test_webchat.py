@@ -160,7 +160,8 @@ def fake():
 
 @pytest.fixture(scope="module")
 def browser():
-    from playwright.sync_api import sync_playwright
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the browser tests need playwright (python)")
+    sync_playwright = sync_api.sync_playwright
 
     with sync_playwright() as pw:
         b = pw.chromium.launch(

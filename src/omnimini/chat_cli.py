@@ -174,24 +174,8 @@ def _command(session: ChatSession, line: str, out: TextIO) -> bool:
     return True
 
 
-def run_chat(target: str | StreamFn, model: str | None = None, system: str | None = None, *,
-             api_key: str | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None,
-             **params: Any) -> list[dict]:
-    """Chat in the terminal until /quit or end of input; returns the conversation history.
-
-    target: the base URL of an OpenAI-compatible server (e.g. "http://127.0.0.1:8000/v1"), or an
-    in-process `stream_fn(messages) -> Iterator[str]`. `params` are sampling settings for the server.
-    """
-    stdin = stdin or sys.stdin
-    out = stdout or sys.stdout
-    if isinstance(target, str):
-        stream_fn, model = openai_stream_fn(target, model, api_key=api_key, **params)
-    elif callable(target):
-        stream_fn = target
-    else:
-        raise ChatInputError(f"run_chat needs a base URL or a stream_fn callable, got {type(target).__name__}")
-    session = ChatSession(stream_fn, system=system)
-    label = model or "assistant"
+def chat_loop(session: ChatSession, stdin: TextIO, out: TextIO, label: str = "assistant") -> None:
+    """Read lines until /quit or end of input: /commands act on the session, other lines are sent."""
     out.write(f"chatting with {label} - /help for commands\n")
     for line in _lines(stdin, out, "you> "):
         text = line.strip()
@@ -209,4 +193,28 @@ def run_chat(target: str | StreamFn, model: str | None = None, system: str | Non
         except Exception as e:  # a failed request must not end the chat
             out.write(f"error: {type(e).__name__}: {e}\n")
         out.flush()
-    return session.history
+
+
+def run_chat(target: str | StreamFn | None = None, model: str | None = None, system: str | None = None, *,
+             base_url: str | None = None, stream_fn: StreamFn | None = None, api_key: str | None = None,
+             stdin: TextIO | None = None, stdout: TextIO | None = None, **params: Any) -> int:
+    """Chat in the terminal until /quit or end of input; returns 0 (an exit status).
+
+    Talk to either an OpenAI-compatible server (`base_url`, e.g. "http://127.0.0.1:8000/v1", with `api_key`
+    and sampling `params` such as temperature) or an in-process `stream_fn(messages) -> Iterator[str]`.
+    `target` is a positional shorthand for either one. Without `model`, a server's first listed model is used.
+    """
+    if target is not None:
+        if isinstance(target, str):
+            base_url = base_url or target
+        elif callable(target):
+            stream_fn = stream_fn or target
+        else:
+            raise ChatInputError(f"run_chat needs a base URL or a stream_fn callable, got {type(target).__name__}")
+    if (base_url is None) == (stream_fn is None):
+        raise ChatInputError("run_chat needs exactly one of base_url (an OpenAI-compatible server) or stream_fn")
+    if base_url is not None:
+        stream_fn, model = openai_stream_fn(base_url, model, api_key=api_key, **params)
+    session = ChatSession(stream_fn, system=system)
+    chat_loop(session, stdin or sys.stdin, stdout or sys.stdout, label=model or "assistant")
+    return 0

@@ -96,8 +96,8 @@ def load_registry(specs: list, aliases: dict[str, str | None], quantize: str = "
 
 def _default_id() -> str:
     try:
-        from omnimini.weights.default import DEFAULT_MODEL_ID  # type: ignore[attr-defined]
+        from omnimini.weights.default import DEFAULT_MODEL_NAME
 
-        return DEFAULT_MODEL_ID
+        return DEFAULT_MODEL_NAME
     except ImportError:
         return "default"

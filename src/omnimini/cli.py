@@ -124,7 +124,7 @@ def cmd_chat(args) -> int:
 
     if args.endpoint:
         return run_chat(base_url=args.endpoint, model=args.endpoint_model, api_key=args.api_key,
-                        system=args.system) or 0
+                        system=args.system, temperature=args.temperature) or 0
     from omnimini.runtime import local_stream_fn
 
     model, tok = _load(args)

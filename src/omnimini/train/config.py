@@ -69,6 +69,7 @@ class TrainConfig:
     log_every: int = 1
     peak_tflops: float | None = None  # for MFU; None: a GPU table or a measured CPU matmul peak
     progress: bool = True
+    threads: int | None = None  # torch intra-op threads on CPU (None: torch's default); 1 is fastest on a busy box
 
     def __post_init__(self):
         self.data = [d if isinstance(d, DataSpec) else DataSpec(**d) for d in self.data]

@@ -90,9 +90,29 @@ def run_tokenizer_stage(s: dict, out: Path, data_dir) -> None:
 
     if (out / "tokenizer.json").is_file():
         return
-    files = [str(resolve_path(f, data_dir)) for f in s["files"]]
+    files = [str(resolve_path(f, data_dir)) for f in s.get("files", [])]
+    out.mkdir(parents=True, exist_ok=True)
+    if s.get("scene_texts"):  # scene prompts/captions, so the vocabulary covers the task language too
+        files.append(str(write_scene_texts(out / "scene_texts.txt", int(s["scene_texts"]))))
     tok = Tokenizer.train(files, int(s.get("vocab_size", 2048)), show_progress=False)
     tok.save(out)
+
+
+def write_scene_texts(path: Path, n: int) -> Path:
+    import random
+
+    from omnimini.data.scene_samples import scene_caption
+    from omnimini.data.scenes.tasks import FAMILIES, TRAIN_SEEDS
+    from omnimini.data.scenes.world import generate_scene
+
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(scene_caption(generate_scene(random.Random(f"tokenizer/{i}"))) + "\n\n")
+            for fam in FAMILIES.values():
+                if fam.name == "qa":
+                    ep = fam.episode(TRAIN_SEEDS[i])
+                    f.write(f"{ep.prompt}\n{ep.answer}\n\n")
+    return path
 
 
 def run_recipe(recipe: str | dict, out_dir: str | None = None, data_dir: str | None = None,

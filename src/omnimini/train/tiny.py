@@ -38,6 +38,7 @@ def tiny_tokenizer(corpus: str | Path, out_dir: str | Path, vocab_size: int = 32
 def tiny_config(out_dir, tokenizer_dir, corpus, **kw) -> dict:
     d = {"out_dir": str(out_dir), "model": dict(TINY_MODEL), "tokenizer": str(tokenizer_dir),
          "data": [{"kind": "text", "paths": [str(corpus)]}], "seq_len": 32, "micro_batch_size": 2,
-         "grad_accum": 2, "steps": 6, "lr": 1e-2, "warmup_steps": 2, "progress": False, "seed": 0}
+         "grad_accum": 2, "steps": 6, "lr": 1e-2, "warmup_steps": 2, "progress": False, "seed": 0,
+         "threads": 1}
     d.update(kw)
     return d

@@ -107,6 +107,8 @@ def _moe_layers(model) -> list:
 class Trainer:
     def __init__(self, cfg: TrainConfig, tokenizer=None):
         self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         self.info = D.init(cfg.device)
         self.tok = tokenizer or load_tokenizer(cfg)
         self.model = build_model(cfg, self.tok).to(self.info.device)

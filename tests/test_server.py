@@ -215,7 +215,7 @@ def test_json_schema_output_validates(client):
         response_format={"type": "json_schema", "json_schema": {"name": "weather", "schema": schema, "strict": True}})
     assert r.choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads(r.choices[0].message.content), schema)
-    j = client.chat.completions.create(model="main", messages=HELLO, max_tokens=80, temperature=0,
+    j = client.chat.completions.create(model="main", messages=HELLO, max_tokens=30, temperature=0,
                                        response_format={"type": "json_object"})
     text = j.choices[0].message.content
     assert text.startswith("{")

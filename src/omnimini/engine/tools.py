@@ -101,6 +101,29 @@ def inject_tools(messages: list[dict], tools: list[dict]) -> list[dict]:
     return [{"role": "system", "content": text}, *messages]
 
 
+def inline_tool_calls(messages: list[dict]) -> list[dict]:
+    """For templates that ignore `tool_calls`: write past calls into the assistant text (Hermes convention),
+    so the model still sees what it called before reading the tool results."""
+    out = []
+    for m in messages:
+        calls = m.get("tool_calls")
+        if m.get("role") == "assistant" and calls:
+            text = "".join(f"<tool_call>{json.dumps({'name': c['function']['name'], 'arguments': _args(c)})}"
+                           "</tool_call>" for c in calls)
+            m = {k: v for k, v in m.items() if k != "tool_calls"}
+            m["content"] = (m.get("content") or "") + text
+        out.append(m)
+    return out
+
+
+def _args(call: dict):
+    a = call["function"].get("arguments") or "{}"
+    try:
+        return json.loads(a) if isinstance(a, str) else a
+    except json.JSONDecodeError:
+        return a
+
+
 # ---- parsing ------------------------------------------------------------------------------------------------
 
 def _to_call(obj) -> ToolCall | None:

@@ -12,7 +12,14 @@ from omnimini.chat_template import TokenizerError
 from omnimini.engine.sampling import SamplingParams
 from omnimini.engine.scheduler import EngineRequest, RequestTooLargeError
 from omnimini.engine.structured import GrammarError, json_object_constraint, schema_constraint
-from omnimini.engine.tools import ToolError, inject_tools, resolve_choice, template_knows_tools, tool_constraint
+from omnimini.engine.tools import (
+    ToolError,
+    inject_tools,
+    inline_tool_calls,
+    resolve_choice,
+    template_knows_tools,
+    tool_constraint,
+)
 from omnimini.images import ImageError, ImageLimits, decode_data_url, open_image, to_pixels
 from omnimini.serve.errors import APIError, bad_request
 from omnimini.serve.protocol import ChatCompletionRequest, CompletionRequest
@@ -147,8 +154,10 @@ async def prepare_chat(body: ChatCompletionRequest, served: ServedModel, cfg) ->
             for p in m.content if p.type == "image_url"]
     pixels = await _load_images(urls, served, cfg)
     use_tools = tools if choice not in (None, "none") else None
-    if use_tools and not template_knows_tools(tok.chat_template):
-        messages, use_tools = inject_tools(messages, use_tools), None
+    if tools and not template_knows_tools(tok.chat_template):
+        messages = inline_tool_calls(messages)
+        if use_tools:
+            messages, use_tools = inject_tools(messages, use_tools), None
     tpi = served.model.config.vision.tokens_per_image if pixels is not None else 0
     try:
         ids = tok.encode_chat(messages, tools=use_tools, image_tokens=tpi)

@@ -1,0 +1,248 @@
+"""GGUF files (llama.cpp) -> OmniModel + Tokenizer, read with the `gguf` package.
+
+Weights are dequantized to float32 with `gguf.quants.dequantize`; the tokenizer (byte-level BPE) and the chat
+template come from the file's metadata. llama.cpp stores the Q and K projections of Llama models with their
+rows permuted for its interleaved RoPE; we undo that so OmniModel's rotate-half RoPE sees the HF layout.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from omnimini.config import ConfigError, ModelConfig, MoEConfig
+from omnimini.weights.checkpoint import CheckpointError, build_model
+
+SUPPORTED_ARCHS = ("llama",)
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+SUPPORTED_TOKENIZERS = ("gpt2",)
+
+# llama.cpp pre-tokenizer names -> how the text is split before byte-level BPE (see llama-vocab.cpp)
+_GPT2_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS = {"default": ("gpt2", False), "gpt-2": ("gpt2", False), "smollm": ("gpt2", True),
+                  "llama-bpe": ("llama3", False), "qwen2": ("qwen2", False)}
+
+
+class GGUFError(CheckpointError):
+    """A GGUF file that cannot be loaded: truncated, unsupported architecture, tensor type or tokenizer."""
+
+
+# ---- reading -------------------------------------------------------------------------------------------------
+
+def open_gguf(path):
+    from gguf import GGUFReader
+
+    p = Path(path)
+    if not p.is_file():
+        raise GGUFError(f"GGUF file not found: {p}")
+    try:
+        return GGUFReader(str(p))
+    except (ValueError, IndexError, OSError, KeyError, struct_error()) as e:
+        raise GGUFError(f"{p}: truncated or corrupt GGUF file ({type(e).__name__}: {e})") from None
+
+
+def struct_error():
+    import struct
+
+    return struct.error
+
+
+def metadata(reader) -> dict:
+    out = {}
+    for k, f in reader.fields.items():
+        try:
+            out[k] = f.contents()
+        except Exception:  # noqa: BLE001 - a field we do not understand is not needed
+            continue
+    return out
+
+
+def dequantize(t) -> np.ndarray:
+    """One GGUF tensor as float32 in PyTorch layout ([out, in] for matrices)."""
+    from gguf import quants
+
+    kind = t.tensor_type.name
+    if kind not in SUPPORTED_TYPES:
+        raise GGUFError(f"tensor {t.name} has unsupported type {kind} (supported: {', '.join(SUPPORTED_TYPES)})")
+    shape = tuple(int(n) for n in reversed(t.shape))
+    try:
+        arr = quants.dequantize(t.data, t.tensor_type)
+    except (ValueError, IndexError) as e:
+        raise GGUFError(f"tensor {t.name}: cannot decode its {kind} data ({e}); is the file truncated?") from None
+    return np.array(arr, dtype=np.float32).reshape(shape)  # a writable copy, not a view of the mmap
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Invert llama.cpp's convert_hf_to_gguf `permute` (interleaved -> rotate-half RoPE row order)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's own permutation (rotate-half -> interleaved), used to write test files."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# ---- config --------------------------------------------------------------------------------------------------
+
+def config_from_gguf(meta: dict, tensor_names: set[str]) -> ModelConfig:
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise GGUFError(f"unsupported GGUF architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})")
+    if "rope_freqs.weight" in tensor_names:
+        raise GGUFError("GGUF has a rope_freqs tensor (Llama-3.1-style RoPE scaling), which is not supported")
+
+    def get(key, default=None):
+        v = meta.get(f"{arch}.{key}", default)
+        if v is None:
+            raise GGUFError(f"GGUF metadata lacks {arch}.{key}")
+        return v
+
+    hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
+    head_dim = int(meta.get(f"{arch}.attention.key_length", meta.get(f"{arch}.rope.dimension_count",
+                                                                    hidden // heads)))
+    scaling = None
+    if meta.get(f"{arch}.rope.scaling.type", "none") not in ("none",):
+        kind = meta[f"{arch}.rope.scaling.type"]
+        if kind != "linear":
+            raise GGUFError(f"unsupported rope scaling {kind!r} in GGUF (supported: none, linear)")
+        scaling = {"type": "linear", "factor": float(meta[f"{arch}.rope.scaling.factor"])}
+    vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
+    moe = None
+    if int(meta.get(f"{arch}.expert_count", 0) or 0) > 0:  # Mixtral-style GGUF (llama arch + experts)
+        moe = MoEConfig(num_experts=int(get("expert_count")), top_k=int(get("expert_used_count")),
+                        expert_intermediate=int(get("feed_forward_length")), norm_topk_prob=True)
+    try:
+        return ModelConfig(
+            vocab_size=int(vocab), hidden_size=hidden, num_layers=int(get("block_count")), num_heads=heads,
+            num_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv", heads)),
+            head_dim=head_dim if head_dim != hidden // heads else None,
+            intermediate_size=int(get("feed_forward_length")), max_seq_len=int(get("context_length")),
+            rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)), rope_scaling=scaling,
+            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+            tie_embeddings="output.weight" not in tensor_names, moe=moe, arch=f"gguf:{arch}",
+        )
+    except ConfigError as e:
+        raise GGUFError(f"GGUF metadata: {e}") from None
+
+
+# ---- tensors -------------------------------------------------------------------------------------------------
+
+_RENAMES = {
+    "token_embd.weight": "embed.weight", "output_norm.weight": "norm.weight", "output.weight": "lm_head.weight",
+}
+_BLOCK = {
+    "attn_norm": "input_norm", "ffn_norm": "post_norm", "attn_q": "attn.q_proj", "attn_k": "attn.k_proj",
+    "attn_v": "attn.v_proj", "attn_output": "attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "ffn_gate_inp": "mlp.router",
+}
+_BLK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
+_EXPS = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
+
+
+def _rename(name: str) -> str:
+    if name in _RENAMES:
+        return _RENAMES[name]
+    m = _BLK.match(name)
+    if m and m[2] in _BLOCK:
+        return f"blocks.{m[1]}.{_BLOCK[m[2]]}.{m[3]}"
+    raise GGUFError(f"unexpected GGUF tensor {name!r} (no omnimini equivalent)")
+
+
+def convert_tensors(reader, cfg: ModelConfig, progress: bool = True) -> dict[str, torch.Tensor]:
+    state, experts = {}, {}
+    for t in tqdm(reader.tensors, desc="dequantizing GGUF", unit="tensor", disable=not progress, leave=False):
+        w = dequantize(t)
+        if m := _EXPS.match(t.name):
+            experts.setdefault(int(m[1]), {})[m[2]] = w
+            continue
+        name = _rename(t.name)
+        if name.endswith("attn.q_proj.weight"):
+            w = unpermute_qk(w, cfg.num_heads)
+        elif name.endswith("attn.k_proj.weight"):
+            w = unpermute_qk(w, cfg.num_kv_heads)
+        state[name] = torch.from_numpy(w)
+    for layer, parts in experts.items():
+        if set(parts) != {"gate", "up", "down"}:
+            raise GGUFError(f"layer {layer}: incomplete expert tensors (have {sorted(parts)})")
+        state[f"blocks.{layer}.mlp.gate_up"] = torch.from_numpy(np.concatenate([parts["gate"], parts["up"]], 1))
+        state[f"blocks.{layer}.mlp.down"] = torch.from_numpy(parts["down"])
+    for name, t in list(state.items()):
+        if name.endswith("mlp.router.weight"):
+            state[name.replace("router.weight", "router.selection_bias")] = torch.zeros(t.shape[0])
+    return state
+
+
+# ---- tokenizer -----------------------------------------------------------------------------------------------
+
+def tokenizer_from_gguf(meta: dict):
+    """Byte-level BPE from tokenizer.ggml.{tokens,merges,token_type}, wrapped in omnimini's Tokenizer."""
+    import tokenizers
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+
+    from omnimini.tokenizer import Tokenizer
+
+    kind = meta.get("tokenizer.ggml.model")
+    if kind not in SUPPORTED_TOKENIZERS:
+        raise GGUFError(f"unsupported GGUF tokenizer model {kind!r} (supported: {', '.join(SUPPORTED_TOKENIZERS)})")
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZERS:
+        raise GGUFError(f"unsupported GGUF pre-tokenizer {pre!r} (supported: {', '.join(PRE_TOKENIZERS)})")
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    types = list(meta.get("tokenizer.ggml.token_type", [1] * len(tokens)))
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    # every token sits in the BPE vocabulary at its GGUF id; control tokens are then marked special in place
+    vocab = {t: i for i, t in reversed(list(enumerate(tokens)))}
+    hf = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
+    regex, digits = PRE_TOKENIZERS[pre]
+    if regex == "gpt2":
+        parts = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    else:
+        pattern = _LLAMA3_REGEX if regex == "llama3" else _QWEN2_REGEX
+        parts = [pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    if digits:
+        parts.insert(0, pre_tokenizers.Digits(individual_digits=True))
+    hf.pre_tokenizer = pre_tokenizers.Sequence(parts)
+    hf.decoder = decoders.ByteLevel()
+    # control (3) and user-defined (4) tokens match whole in raw text, as in llama.cpp
+    added = [tokenizers.AddedToken(tokens[i], special=types[i] == 3, normalized=False)
+             for i in range(len(tokens)) if types[i] in (3, 4)]
+    hf.add_special_tokens([a for a in added if a.special])
+    hf.add_tokens([a for a in added if not a.special])
+    for i, t in enumerate(tokens):
+        if types[i] in (3, 4) and hf.token_to_id(t) != i:
+            raise GGUFError(f"GGUF token {i} ({t!r}) does not keep its id in the rebuilt tokenizer")
+
+    def tok(key):
+        i = meta.get(f"tokenizer.ggml.{key}_token_id")
+        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+
+    eos = tok("eos")
+    return Tokenizer(hf, chat_template=meta.get("tokenizer.chat_template"), eos_tokens=[eos] if eos else [],
+                     bos_token=tok("bos"), pad_token=tok("padding"), image_token=None, image_start=None,
+                     image_end=None)
+
+
+# ---- entry point ---------------------------------------------------------------------------------------------
+
+def load_gguf(path, device="cpu", dtype=torch.float32, progress: bool = True):
+    """Load a GGUF file -> (OmniModel, Tokenizer)."""
+    from omnimini.weights.hf import check_vocab
+
+    reader = open_gguf(path)
+    meta = metadata(reader)
+    cfg = config_from_gguf(meta, {t.name for t in reader.tensors})
+    tok = tokenizer_from_gguf(meta)
+    check_vocab(tok, cfg, str(path))
+    state = convert_tensors(reader, cfg, progress)
+    return build_model(cfg, state, f"{path} (GGUF)", device, dtype), tok

@@ -58,6 +58,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    loss_norm: str = "token"  # token: mean over the batch's label tokens | sample: mean of per-sample means
     seed: int = 0
     dtype: str = "auto"  # auto (float32 on CPU, bfloat16 autocast on GPU) | float32 | bfloat16
     device: str = "auto"
@@ -79,6 +80,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0 or self.warmup_steps > self.steps:
             raise ConfigError(f"warmup_steps {self.warmup_steps} must be in 0..steps ({self.steps})")
+        if self.loss_norm not in ("token", "sample"):
+            raise ConfigError(f"loss_norm must be token|sample, got {self.loss_norm!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"dtype must be auto|float32|bfloat16, got {self.dtype!r}")
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from omnimini.config import ConfigError, ModelConfig, param_counts
@@ -148,30 +149,46 @@ class Trainer:
                                  main=self.info.main, keep=self.cfg.keep_checkpoints)
 
     # -- one optimizer step --
-    def _micro_batches(self, samples: list[dict]) -> list[dict]:
+    def _micro_batches(self, samples: list[dict], weights: list[float]) -> list[dict]:
         mbs, w, r = self.cfg.micro_batch_size, self.info.world, self.info.rank
         pad_to = self.cfg.seq_len if self.cfg.compile else None  # fixed shapes avoid recompiles
-        return [collate(samples[(a * w + r) * mbs:(a * w + r + 1) * mbs], self.tok.pad_token_id, pad_to)
-                for a in range(self.cfg.grad_accum)]
+        out = []
+        for a in range(self.cfg.grad_accum):
+            lo, hi = (a * w + r) * mbs, (a * w + r + 1) * mbs
+            mb = collate(samples[lo:hi], self.tok.pad_token_id, pad_to)
+            mb["weights"] = torch.tensor(weights[lo:hi])
+            out.append(mb)
+        return out
+
+    def _token_weights(self, samples: list[dict]) -> list[float]:
+        """Per-sample weight of each label token, so the global batch loss is a mean over label tokens
+        (loss_norm=token) or over samples (loss_norm=sample: a one-letter answer counts as much as an essay)."""
+        n = [sum(1 for x in s["labels"] if x != IGNORE) for s in samples]
+        if self.cfg.loss_norm == "sample":
+            k = sum(1 for x in n if x)
+            return [1.0 / (x * k) if x else 0.0 for x in n]
+        total = max(1, sum(n))
+        return [1.0 / total] * len(samples)
 
     def train_step(self) -> dict:
         cfg, dev = self.cfg, self.info.device
         samples = [next(self.data) for _ in range(self.global_batch)]
         n_global = sum(sum(1 for x in s["labels"] if x != IGNORE) for s in samples)
         tokens = sum(len(s["input_ids"]) for s in samples)
+        weights = self._token_weights(samples)
         self.model.train()
         lm_sum = torch.zeros((), device=dev)
         aux_sum, z_sum = torch.zeros((), device=dev), torch.zeros((), device=dev)
         load = None
-        for mb in self._micro_batches(samples):
+        for mb in self._micro_batches(samples, weights):
             mb = _to(mb, dev)
-            n_local = int((mb["labels"] != IGNORE).sum())
             with autocast_ctx(cfg, dev):
-                out = self.forward(mb["input_ids"], labels=mb["labels"], positions=mb["positions"],
-                                   pixels=mb["pixels"])
-            lm = out.lm_loss * n_local if n_local else out.logits.sum() * 0.0
+                out = self.forward(mb["input_ids"], positions=mb["positions"], pixels=mb["pixels"])
+            ce = F.cross_entropy(out.logits.float().flatten(0, 1), mb["labels"].flatten(), ignore_index=IGNORE,
+                                 reduction="none").view_as(mb["labels"])
+            lm = (ce * mb["weights"][:, None]).sum()
             # x world: FSDP averages gradients over ranks, we want the sum over the global batch
-            loss = lm / max(n_global, 1) * self.info.world
+            loss = lm * self.info.world
             if out.aux_loss is not None:
                 m = self.mcfg.moe
                 loss = loss + (m.aux_loss_coef * out.aux_loss + m.z_loss_coef * out.z_loss) / cfg.grad_accum
@@ -186,7 +203,7 @@ class Trainer:
             gnorm = gnorm.full_tensor()
         stats = torch.stack([lm_sum, aux_sum, z_sum]).float()
         D.all_reduce_sum(stats, self.info)
-        lm_loss = float(stats[0]) / max(n_global, 1)
+        lm_loss = float(stats[0])
         if not math.isfinite(lm_loss):
             raise TrainError(f"loss became {lm_loss} at step {self.step + 1}; lower lr or check the data")
         lr = self.sched.get_last_lr()[0]

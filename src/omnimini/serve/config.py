@@ -21,7 +21,7 @@ class ServeConfig:
     api_keys: list[str] = field(default_factory=list)
     quantize: str = "none"
     max_batch: int = 16
-    max_context: int | None = 4096  # per-sequence KV rows; capped by the model's own window
+    max_context: int | None = 2048  # per-sequence KV rows (allocated up front for every slot); capped by the model
     kv_budget_tokens: int | None = None
     prefill_chunk: int = 256
     limits: ServeLimits = field(default_factory=ServeLimits)

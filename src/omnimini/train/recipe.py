@@ -85,10 +85,17 @@ def _stage_dicts(d: dict) -> list[dict]:
 
 
 def run_tokenizer_stage(s: dict, out: Path, data_dir) -> None:
+    import torch.distributed as dist
+
     from omnimini.data.text import resolve_path
     from omnimini.tokenizer import Tokenizer
 
+    if dist.is_initialized() and dist.get_rank() != 0:
+        dist.barrier()  # rank 0 trains and saves the tokenizer; the others wait for it
+        return
     if (out / "tokenizer.json").is_file():
+        if dist.is_initialized():
+            dist.barrier()
         return
     files = [str(resolve_path(f, data_dir)) for f in s.get("files", [])]
     out.mkdir(parents=True, exist_ok=True)
@@ -96,6 +103,8 @@ def run_tokenizer_stage(s: dict, out: Path, data_dir) -> None:
         files.append(str(write_scene_texts(out / "scene_texts.txt", int(s["scene_texts"]))))
     tok = Tokenizer.train(files, int(s.get("vocab_size", 2048)), show_progress=False)
     tok.save(out)
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def write_scene_texts(path: Path, n: int) -> Path:

@@ -123,7 +123,7 @@ def test_cli_compare_card_and_errors(tmp_path, capsys):
     assert eval_main(["eval", "--tasks", "mmlu"]) == 2
     assert "exactly one of --model" in capsys.readouterr().err
     assert eval_main(["eval", "--model", "x", "--tasks", "mmlu"]) == 2
-    assert "--endpoint instead" in capsys.readouterr().err
+    assert "model not found: x" in capsys.readouterr().err
     assert eval_main(["eval", "--endpoint", "http://127.0.0.1:9", "--tasks", "nope"]) == 2
     assert "unknown task" in capsys.readouterr().err
 

@@ -124,7 +124,7 @@ def run_eval_cli(args) -> int:
         if extra:
             raise EvalError(f"unexpected arguments {extra}; did you mean 'eval compare RESULTS...'?")
         return _run(args)
-    except (EvalError, NotImplementedError) as exc:
+    except (ValueError, FileNotFoundError, NotImplementedError) as exc:  # EvalError, CheckpointError, ...
         print(f"omnimini eval: error: {exc}", file=sys.stderr)
         return 2
 

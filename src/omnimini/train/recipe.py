@@ -189,15 +189,22 @@ def run_eval_stage(s: dict, out: Path, results: dict) -> dict:
     from omnimini.model.model import OmniModel
     from omnimini.tokenizer import Tokenizer
     from omnimini.train.dist import init
-    from omnimini.train.scene_eval import evaluate_scenes
+    from omnimini.train.scene_eval import evaluate_scenes, evaluate_scenes_loglik
 
     if not init().main:
         return {}
     ckpt = _checkpoint_of(s["model"], results)
     model, tok = OmniModel.from_pretrained(ckpt), Tokenizer.from_dir(ckpt)
-    res = evaluate_scenes(model, tok, family=s.get("family", "qa"), n=int(s.get("n", 200)),
-                          qa_format=s.get("qa_format", "mc"), batch_size=int(s.get("batch_size", 16)),
-                          progress=True)
+    mode = s.get("mode", "generate")
+    if mode == "loglik":
+        res = evaluate_scenes_loglik(model, tok, n=int(s.get("n", 200)), progress=True)
+        res["blind"] = evaluate_scenes_loglik(model, tok, n=int(s.get("n", 200)), blind=True)
+    elif mode == "generate":
+        res = evaluate_scenes(model, tok, family=s.get("family", "qa"), n=int(s.get("n", 200)),
+                              qa_format=s.get("qa_format", "mc"), batch_size=int(s.get("batch_size", 16)),
+                              progress=True)
+    else:
+        raise ConfigError(f"scene_eval mode must be generate|loglik, got {mode!r}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "scene_eval.json").write_text(json.dumps(res, indent=2) + "\n")
     return res

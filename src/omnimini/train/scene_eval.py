@@ -45,3 +45,48 @@ def evaluate_scenes(model, tok, family: str = "qa", n: int = 200, qa_format: str
     return {"family": family, "format": qa_format, "n": len(results), "accuracy": acc, "chance": chance,
             "by_subset": {k: sum(v) / len(v) for k, v in sorted(by_subset.items())},
             "examples": [{k: r[k] for k in ("response", "parsed", "success")} for r in results[:5]]}
+
+
+@torch.no_grad()
+def choice_logprobs(model, tok, prompt_ids: list[int], pixels: torch.Tensor, choices: list[str]) -> list[float]:
+    """Sum of log-probabilities of each choice text (plus the closing <|im_end|>) as the assistant's answer."""
+    end = tok.token_to_id("<|im_end|>")
+    conts = [tok.encode(c, allow_special=False) + ([end] if end is not None else []) for c in choices]
+    rows = [prompt_ids + c for c in conts]
+    T = max(len(r) for r in rows)
+    ids = torch.tensor([r + [0] * (T - len(r)) for r in rows])
+    out = model(ids, pixels=pixels.expand(len(rows), *pixels.shape[1:]).contiguous())
+    logp = out.logits.float().log_softmax(-1)
+    scores = []
+    for i, c in enumerate(conts):
+        pos = torch.arange(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(c))
+        scores.append(float(logp[i, pos, torch.tensor(c)].sum()))
+    return scores
+
+
+@torch.no_grad()
+def evaluate_scenes_loglik(model, tok, n: int = 200, seed_offset: int = 0, progress: bool = False,
+                           blind: bool = False) -> dict:
+    """Multiple-choice scene QA in the cloze formulation (as lm-eval scores ARC/HellaSwag): the open question
+    (same seed, so the same scene and question as the multiple-choice episode) is asked, and the option whose
+    text the model finds most likely as its answer is its pick. Chance is 1/#options. blind=True shows the model
+    a blank (mean-grey) image: the accuracy that answer priors alone reach, the control for visual grounding."""
+    from omnimini.data.scenes.qa import QAFamily
+    from omnimini.data.scenes.tasks import EVAL_SEEDS
+
+    vis = model.config.vision
+    mc, short = QAFamily(vis.image_size, "mc"), QAFamily(vis.image_size, "short")
+    model.eval()
+    hits, chance, by_subset = [], [], {}
+    for i in tqdm(range(n), disable=not progress, desc="eval qa (loglik)"):
+        seed = EVAL_SEEDS[seed_offset + i]
+        ep_mc, ep_short = mc.episode(seed), short.episode(seed)
+        pixels = eval_pixels(ep_short, vis.image_size)
+        scores = choice_logprobs(model, tok, _prompt_ids(tok, ep_short, vis.tokens_per_image),
+                                 torch.zeros_like(pixels) if blind else pixels, ep_mc.choices)
+        pick = "ABCDEFGH"[max(range(len(scores)), key=scores.__getitem__)]
+        hits.append(float(pick == ep_mc.answer))
+        chance.append(1 / len(ep_mc.choices))
+        by_subset.setdefault(ep_mc.subset, []).append(hits[-1])
+    return {"family": "qa", "format": "mc-loglik" + ("-blind" if blind else ""), "n": n, "accuracy": sum(hits) / n, "chance": sum(chance) / n,
+            "by_subset": {k: sum(v) / len(v) for k, v in sorted(by_subset.items())}}

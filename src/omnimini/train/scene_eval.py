@@ -88,5 +88,6 @@ def evaluate_scenes_loglik(model, tok, n: int = 200, seed_offset: int = 0, progr
         hits.append(float(pick == ep_mc.answer))
         chance.append(1 / len(ep_mc.choices))
         by_subset.setdefault(ep_mc.subset, []).append(hits[-1])
-    return {"family": "qa", "format": "mc-loglik" + ("-blind" if blind else ""), "n": n, "accuracy": sum(hits) / n, "chance": sum(chance) / n,
+    return {"family": "qa", "format": "mc-loglik" + ("-blind" if blind else ""), "n": n,
+            "accuracy": sum(hits) / n, "chance": sum(chance) / n,
             "by_subset": {k: sum(v) / len(v) for k, v in sorted(by_subset.items())}}

@@ -65,3 +65,29 @@ def test_nano_ci_recipe_learns(shared_data, tmp_path):
     print(json.dumps({"pretrain": pre, "eval_qa": qa, "eval_qa_generate": res["eval_qa_generate"]}))
     assert pre["final_loss"] < pre["unigram_entropy"] - 1.0
     assert qa["n"] == 200 and qa["accuracy"] > qa["chance"] + 0.1
+
+
+def test_choice_logprobs_match_separate_scoring(tmp_path):
+    """Batched, right-padded option scoring equals scoring each option on its own."""
+    from omnimini.config import ModelConfig
+    from omnimini.model.model import OmniModel
+    from omnimini.train.scene_eval import choice_logprobs
+    from omnimini.train.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer(write_corpus(tmp_path / "c.txt"), tmp_path / "tok")
+    cfg = ModelConfig.from_dict({**TINY_MODEL, "vision": {"image_size": 32, "patch_size": 8, "hidden_size": 32,
+                                                          "num_layers": 1, "num_heads": 2, "intermediate_size": 64,
+                                                          "pixel_shuffle": 2}, "image_token_id": tok.image_token_id})
+    torch.manual_seed(0)
+    model = OmniModel(cfg).eval()
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "The cat sat?"}]}]
+    prompt = tok.encode_chat(msgs, image_tokens=cfg.vision.tokens_per_image)
+    pixels = torch.randn(1, 3, 32, 32)
+    choices = ["the mat", "a log", "five"]
+    scores = choice_logprobs(model, tok, prompt, pixels, choices)
+    for c, s in zip(choices, scores, strict=True):
+        cont = tok.encode(c) + [tok.token_to_id("<|im_end|>")]
+        with torch.no_grad():
+            logp = model(torch.tensor([prompt + cont]), pixels=pixels).logits[0].log_softmax(-1)
+        ref = sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(cont))
+        assert s == pytest.approx(ref, abs=1e-4)

@@ -47,6 +47,8 @@ def test_resume_continues_exactly(setup):
     half = cfg(setup, "half", steps=6, model_overrides={"moe": {"bias_update_rate": 0.01}})
     r1 = train(half, resume=False, stop_after=3)
     assert r1["steps"] == 3 and S.latest_checkpoint(d / "half" / "checkpoints").name == "step_000003"
+    with open(d / "half" / "log.jsonl", "a") as f:  # a step logged after the checkpoint, then a crash
+        f.write(json.dumps({"step": 4, "loss": 99.0}) + "\n")
     r2 = train(half)  # resume="auto" picks up step 3
     assert r2["steps"] == 6 and r2["steps_this_run"] == 3
     assert losses(d / "half") == losses(d / "full")  # bit-identical loss curve

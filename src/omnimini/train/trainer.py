@@ -139,8 +139,16 @@ class Trainer:
         self.step, self.history = st["step"], st.get("history", [])
         self.val_history, self.tokens_seen = st.get("val_history", []), st.get("tokens_seen", 0)
         if self.info.main:
+            self._truncate_log()
             log.info("resumed from %s at step %d", p, self.step)
         return True
+
+    def _truncate_log(self) -> None:
+        # steps logged after the checkpoint (before a crash) are redone: drop them so the log has each step once
+        f = self.out / "log.jsonl"
+        if f.is_file():
+            keep = [ln for ln in f.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
+            f.write_text("".join(ln + "\n" for ln in keep))
 
     def save(self) -> Path:
         extra = {"data": self.data.state_dict(), "history": self.history, "val_history": self.val_history,

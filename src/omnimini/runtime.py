@@ -32,31 +32,42 @@ def load_for_inference(spec: str | None, quantize: str = "none", device: str = "
 
 
 def local_stream_fn(model, tok, temperature: float = 0.7, max_tokens: int = 512):
-    """A `messages -> iterator of text pieces` function over the in-process model (terminal chat)."""
-    from omnimini.engine.generate import GenRequest, generate_stream
+    """A `messages -> iterator of text pieces` function over the in-process engine (terminal chat)."""
     from omnimini.engine.sampling import SamplingParams
-    from omnimini.images import decode_data_url, to_pixels
-    from omnimini.tokenizer import IncrementalDecoder
+    from omnimini.engine.scheduler import Engine, EngineRequest
+
+    engine = Engine(model, tok, max_batch=1)
 
     def stream(messages: list[dict]) -> Iterator[str]:
-        pixels, n_img = [], 0
-        for m in messages:
-            for part in m["content"] if isinstance(m.get("content"), list) else []:
-                if part.get("type") == "image_url":
-                    if model.config.vision is None:
-                        raise ValueError("this model has no vision encoder; it cannot take images")
-                    n_img = model.config.vision.tokens_per_image
-                    pixels.append(to_pixels(decode_data_url(part["image_url"]["url"]), model.config.vision.image_size))
-        ids = tok.encode_chat(messages, image_tokens=n_img)
-        req = GenRequest(ids, SamplingParams(temperature=temperature, max_tokens=max_tokens),
-                         torch.stack(pixels) if pixels else None)
-        dec = IncrementalDecoder(tok, skip_special=True)
-        for _, t in generate_stream(model, [req], tok.eos_token_ids):
-            piece = dec.push(t)
-            if piece:
-                yield piece
-        tail = dec.flush()
-        if tail:
-            yield tail
+        ids, pixels = encode_messages(model, tok, messages)
+        req = EngineRequest(ids, SamplingParams(temperature=temperature, max_tokens=max_tokens), pixels=pixels)
+        for ev in engine.stream_sync(req):
+            if ev.text:
+                yield ev.text
 
     return stream
+
+
+def encode_messages(model, tok, messages: list[dict]) -> tuple[list[int], torch.Tensor | None]:
+    """Chat messages (images as PIL `image` parts or data: URL `image_url` parts) -> prompt ids and pixels."""
+    from omnimini.images import decode_data_url, to_pixels
+
+    pixels, msgs = [], []
+    for m in messages:
+        content = m.get("content")
+        if not isinstance(content, list):
+            msgs.append(m)
+            continue
+        parts = []
+        for p in content:
+            if p.get("type") in ("image", "image_url"):
+                if model.config.vision is None:
+                    raise ValueError("this model has no vision encoder; it cannot take images")
+                img = p.get("image") or decode_data_url(p["image_url"]["url"])
+                pixels.append(to_pixels(img, model.config.vision.image_size))
+                parts.append({"type": "image"})
+            else:
+                parts.append(p)
+        msgs.append({**m, "content": parts})
+    n_img = model.config.vision.tokens_per_image if pixels else 0
+    return tok.encode_chat(msgs, image_tokens=n_img), (torch.stack(pixels) if pixels else None)

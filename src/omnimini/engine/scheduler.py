@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -263,6 +263,23 @@ class Engine:
         try:
             while remaining:
                 ev = await q.get()
+                if ev.finish_reason == "error":
+                    raise EngineError(ev.error or "generation failed")
+                if ev.finish_reason is not None:
+                    remaining -= 1
+                yield ev
+        finally:
+            if remaining:
+                self.abort(req.request_id)
+
+    def stream_sync(self, req: EngineRequest) -> Iterator[EngineEvent]:
+        """Blocking iterator of a request's events (terminal chat); leaving it early aborts the request."""
+        q: queue.Queue[EngineEvent] = queue.Queue()
+        self.submit(req, q.put)
+        remaining = req.n
+        try:
+            while remaining:
+                ev = q.get()
                 if ev.finish_reason == "error":
                     raise EngineError(ev.error or "generation failed")
                 if ev.finish_reason is not None:

@@ -4,54 +4,38 @@ from __future__ import annotations
 
 import torch
 
-from omnimini.engine.generate import GenRequest, generate
 from omnimini.engine.sampling import SamplingParams
-from omnimini.images import decode_data_url, to_pixels
-
-
-def _images_and_messages(messages: list[dict], model) -> tuple[list[dict], list[torch.Tensor]]:
-    """Pull images (PIL parts or data: URLs) out of the messages in order; leave `{"type": "image"}` markers."""
-    pixels, out = [], []
-    for m in messages:
-        content = m.get("content")
-        if not isinstance(content, list):
-            out.append(m)
-            continue
-        parts = []
-        for p in content:
-            if p.get("type") in ("image", "image_url"):
-                if model.config.vision is None:
-                    raise ValueError("this model has no vision encoder; image tasks need a vision model")
-                img = p.get("image") or decode_data_url(p["image_url"]["url"])
-                pixels.append(to_pixels(img, model.config.vision.image_size))
-                parts.append({"type": "image"})
-            else:
-                parts.append(p)
-        out.append({**m, "content": parts})
-    return out, pixels
+from omnimini.engine.scheduler import Engine, EngineRequest
+from omnimini.runtime import encode_messages
 
 
 class LocalRunner:
     def __init__(self, model, tok, batch_size: int = 8):
         self.model, self.tok, self.batch_size = model, tok, batch_size
+        self._engine = None
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:  # continuous batching: short answers leave the batch early
+            self._engine = Engine(self.model, self.tok, max_batch=self.batch_size,
+                                  max_context=min(self.model.config.max_seq_len, 4096))
+        return self._engine
 
     def generate(self, batch: list[list[dict]], params: dict) -> list[str]:
         sp = SamplingParams(temperature=float(params.get("temperature", 0.0)),
                             top_p=float(params.get("top_p", 1.0)),
                             max_tokens=int(params.get("max_tokens") or params.get("max_completion_tokens") or 256),
                             seed=params.get("seed"))
-        n_img = self.model.config.vision.tokens_per_image if self.model.config.vision else 0
+        stops = params.get("stop") or []
+        sp.stop = [stops] if isinstance(stops, str) else list(stops)
+        room = self.engine.max_context - sp.max_tokens
         reqs = []
         for messages in batch:
-            msgs, pix = _images_and_messages(messages, self.model)
-            ids = self.tok.encode_chat(msgs, image_tokens=n_img)
-            reqs.append(GenRequest(ids, sp, torch.stack(pix) if pix else None))
-        outs = []
-        for i in range(0, len(reqs), self.batch_size):
-            outs += generate(self.model, reqs[i:i + self.batch_size], self.tok.eos_token_ids)
-        texts = [self.tok.decode(o, skip_special=True) for o in outs]
-        stops = params.get("stop") or []
-        return [_cut(t, [stops] if isinstance(stops, str) else stops) for t in texts]
+            ids, pixels = encode_messages(self.model, self.tok, messages)
+            if len(ids) > room and pixels is None:
+                ids = ids[-room:]  # like lm-evaluation-harness: keep the end of an over-long prompt
+            reqs.append(EngineRequest(ids, sp, pixels=pixels))
+        return [r.completions[0].text for r in self.engine.generate(reqs)]
 
     @torch.inference_mode()
     def loglikelihood(self, items: list[tuple[str, list[str]]]) -> list[list[float]]:
@@ -85,13 +69,6 @@ class LocalRunner:
             pred = logp[b, len(r) - n - 1:len(r) - 1]
             res.append(float(pred.gather(1, tgt[:, None]).sum()))
         return res
-
-
-def _cut(text: str, stops: list[str]) -> str:
-    for s in stops:
-        if s and s in text:
-            text = text[:text.index(s)]
-    return text
 
 
 def make_local_client(spec: str, quantize: str = "none"):

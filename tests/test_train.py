@@ -99,7 +99,7 @@ def test_schedule_and_decay_groups():
     from omnimini.config import ModelConfig
 
     model = OmniModel(ModelConfig.from_dict(dict(TINY_MODEL)))
-    decay, no_decay = param_groups(model, 0.1)
+    decay, no_decay = param_groups(model, 0.1)[:2]
     names = {id(p): n for n, p in model.named_parameters()}
     nd = {names[id(p)] for p in no_decay["params"]}
     assert "embed.weight" in nd and all("norm" in n or n == "embed.weight" for n in nd)

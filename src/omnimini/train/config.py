@@ -53,6 +53,7 @@ class TrainConfig:
     steps: int = 100
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
+    vision_lr_mult: float = 1.0  # learning rate of the vision encoder + projector relative to lr
     warmup_steps: int = 10
     weight_decay: float = 0.1
     beta1: float = 0.9

@@ -1,0 +1,185 @@
+"""Weight-only int8 linears for fast CPU decode (fbgemm dynamic quantization, PyTorch's own kernels).
+
+Batch-1 decode of a small model is bound by reading weights from memory, so int8 weights read ~4x fewer bytes
+than float32 and fbgemm's dynamic int8 GEMM (activations quantized per call) runs near the memory bandwidth.
+Weights get symmetric per-output-channel scales. The torch int4/int8 "weight pack" matmuls are 10-30x slower
+than float32 on AVX2 CPUs (DESIGN.md), so there is no int4 path: asking for it is an error that says so.
+
+Quantization rewrites the model in place for the engine: attention and MLP projections, MoE experts (through
+`MoE.expert_fn`), shared experts and the LM head (a tied head gets its own quantized copy; the embedding table
+stays float32 for lookups). SwiGLU's gate and up projections are fused into one matmul.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from omnimini.model.layers import Attention, SwiGLU
+from omnimini.model.moe import MoE
+
+MODES = ("none", "int8", "fp16", "int4")
+
+
+class QuantizeError(ValueError):
+    """A quantization mode or device this engine cannot run."""
+
+
+def _packed_int8(weight: torch.Tensor, bias: torch.Tensor | None):
+    w = weight.detach().float().contiguous()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-8).double()
+    zero = torch.zeros(w.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():  # quantized-tensor constructors warn about a future deprecation
+        warnings.simplefilter("ignore")
+        wq = torch.quantize_per_channel(w, scale, zero, 0, torch.qint8)
+        return torch.ops.quantized.linear_prepack(wq, None if bias is None else bias.detach().float())
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T (+ b) with W stored int8 (per-row scales) in fbgemm's prepacked layout.
+
+    fbgemm quantizes the activations per call (per tensor); rows are first scaled to a common range so that
+    one token with large activations does not wipe out the precision of the others (per-token quantization).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self._packed = _packed_int8(weight, None)
+        self.bias = None if bias is None else bias.detach().float().clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float()
+        # reduce_range=True: 7-bit activations keep AVX2's int16 pairwise accumulation from saturating
+        if x2.shape[0] == 1:
+            y = torch.ops.quantized.linear_dynamic(x2, self._packed, True)
+        else:
+            a = x2.abs().amax(-1, keepdim=True).clamp_min(1e-12)
+            y = torch.ops.quantized.linear_dynamic(x2 / a, self._packed, True) * a
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear):
+        return cls(lin.weight, lin.bias)
+
+
+class Fp16Linear(Int8Linear):
+    """fbgemm's packed float16-weight GEMM (float32 activations and accumulation): half the bytes of float32,
+    numerically ~2e-4 relative error, so greedy outputs do not move."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = weight.shape
+        self._packed = torch.ops.quantized.linear_prepack_fp16(weight.detach().float().contiguous(), None)
+        self.bias = None if bias is None else bias.detach().float().clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, shape[-1]).float(), self._packed)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp16 weights"
+
+
+class QuantSwiGLU(nn.Module):
+    """SwiGLU with gate and up fused into one quantized matmul (one weight read, one call)."""
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, linear=Int8Linear):
+        super().__init__()
+        self.inter = gate.shape[0]
+        self.gate_up = linear(torch.cat([gate, up]))
+        self.down_proj = linear(down)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gu = self.gate_up(x)
+        return self.down_proj(F.silu(gu[..., : self.inter]) * gu[..., self.inter:])
+
+    @classmethod
+    def from_swiglu(cls, m: SwiGLU, linear=Int8Linear) -> QuantSwiGLU:
+        return cls(m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight, linear)
+
+
+class QuantExperts(nn.Module):
+    """Per-expert quantized SwiGLUs, called by MoE.dispatch through `expert_fn(e, h)`."""
+
+    def __init__(self, moe: MoE, linear=Int8Linear):
+        super().__init__()
+        inter = moe.cfg.expert_intermediate
+        self.experts = nn.ModuleList(QuantSwiGLU(moe.gate_up[e, :inter], moe.gate_up[e, inter:], moe.down[e], linear)
+                                     for e in range(moe.cfg.num_experts))
+
+    def forward(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        return self.experts[e](h)
+
+
+LINEARS = {"int8": Int8Linear, "fp16": Fp16Linear}
+
+
+def _quantize_attention(attn: Attention, linear) -> None:
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        setattr(attn, name, linear.from_linear(getattr(attn, name)))
+
+
+def _quantize_moe(moe: MoE, linear) -> None:
+    moe.quant_experts = QuantExperts(moe, linear)
+    moe.expert_fn = moe.quant_experts
+    # the float experts are no longer read: drop them so quantization also saves memory
+    moe.gate_up = nn.Parameter(moe.gate_up.new_empty(0), requires_grad=False)
+    moe.down = nn.Parameter(moe.down.new_empty(0), requires_grad=False)
+    if moe.shared is not None:
+        moe.shared = QuantSwiGLU.from_swiglu(moe.shared, linear)
+
+
+@torch.no_grad()
+def quantize_model(model, mode: str = "int8"):
+    """Quantize `model` in place for CPU inference; returns it. mode: int8 | fp16 | none (int4: see module doc)."""
+    if mode not in MODES:
+        raise QuantizeError(f"unknown quantization mode {mode!r} (choose one of: {', '.join(MODES)})")
+    if mode == "none":
+        return model
+    if mode == "int4":
+        raise QuantizeError("int4 is not offered: PyTorch's CPU int4 matmul (_weight_int4pack_mm_for_cpu) is 10-30x "
+                            "slower than float32 on this AVX2 CPU, so it would slow decode down; use --quantize int8 "
+                            "or fp16")
+    if next(model.parameters()).device.type != "cpu":
+        raise QuantizeError(f"{mode} quantization uses fbgemm CPU kernels: load the model on cpu (on GPU use bf16)")
+    if model.training:
+        raise QuantizeError("quantize_model is for inference; call model.eval() first")
+    linear = LINEARS[mode]
+    for blk in model.blocks:
+        _quantize_attention(blk.attn, linear)
+        if isinstance(blk.mlp, MoE):
+            _quantize_moe(blk.mlp, linear)
+        else:
+            blk.mlp = QuantSwiGLU.from_swiglu(blk.mlp, linear)
+    head = model.embed.weight if model.lm_head is None else model.lm_head.weight
+    model.lm_head = linear(head)  # OmniModel.output_head calls lm_head whenever it is set, tied or not
+    model.quantization = mode
+    return model
+
+
+@torch.inference_mode()
+def perplexity(model, ids: list[int], window: int = 512, max_tokens: int | None = None) -> float:
+    """Perplexity over consecutive non-overlapping windows of `ids` (every token after a window's first)."""
+    ids = ids[:max_tokens] if max_tokens else ids
+    nll, count = 0.0, 0
+    for start in range(0, len(ids) - 1, window):
+        chunk = torch.tensor(ids[start:start + window + 1])[None]
+        if chunk.shape[1] < 2:
+            break
+        logits = model(chunk[:, :-1]).logits.float()
+        nll += F.cross_entropy(logits[0], chunk[0, 1:], reduction="sum").item()
+        count += chunk.shape[1] - 1
+    return float(torch.tensor(nll / count).exp())

@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=6, help="timed rounds (each model runs once per round)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--compile", action="store_true", help="also time omnimini nano under torch.compile")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -93,7 +94,11 @@ def main() -> None:
     models = {"omnimini nano (MoE 8x, top-2)": (OmniModel(cfg), False),
               "transformers Qwen3-MoE, same shape": (qwen3_moe(cfg), True),
               "omnimini dense, same active params": (omni_dense(cfg), False)}
-    steps = {k: make_step(m, ids, hf) for k, (m, hf) in models.items()}
+    if args.compile:
+        m = OmniModel(cfg)
+        m.load_state_dict(models["omnimini nano (MoE 8x, top-2)"][0].state_dict())
+        models["omnimini nano, torch.compile"] = (m, False)
+    steps = {k: make_step(torch.compile(m) if "compile" in k else m, ids, hf) for k, (m, hf) in models.items()}
     for s in steps.values():  # warm-up (allocations, first-call overheads)
         s()
     times: dict[str, list[float]] = {k: [] for k in steps}

@@ -178,3 +178,15 @@ def test_collate_pads_labels_with_ignore():
     assert b["input_ids"].tolist() == [[1, 2, 3], [5, 9, 9]]
     assert b["labels"].tolist() == [[2, 3, 4], [6, -100, -100]]
     assert b["positions"] is None and b["pixels"] is None
+
+
+def test_shared_text_folder_streams(shared_data):
+    from omnimini.tokenizer import Tokenizer
+
+    tok = Tokenizer.train([str(shared_data / "text" / "tinyshakespeare.txt")], 300, show_progress=False)
+    eos = tok.token_to_id("<|endoftext|>")
+    p = PackedText([str(shared_data / "text")], lambda s: tok.encode(s, allow_special=False), eos, 128)
+    assert any(f.endswith("c4_demo.jsonl") for f in p.files) and any(f.endswith(".txt") for f in p.files)
+    seqs = [next(p) for _ in range(20)]
+    assert all(len(s["input_ids"]) == 128 for s in seqs) and p.problems.count == 0
+    assert any(eos in s["input_ids"] for s in seqs)

@@ -26,11 +26,12 @@ def make(score="softmax", norm=True, scale=1.0, shared=0, gate=False):
 def test_sorted_dispatch_equals_naive_loop():
     for kw in [{}, {"score": "sigmoid", "norm": False, "scale": 2.5}, {"norm": False}]:
         moe = make(**kw).eval()
-        x = torch.randn(37, 32)
-        with torch.no_grad():
-            got, _ = moe(x)
-            want = naive_moe(moe, x)
-        assert torch.allclose(got, want, atol=1e-5), (kw, (got - want).abs().max())
+        for n in (37, 1, 3):  # sorted dispatch (training/prefill) and the few-token decode path
+            x = torch.randn(n, 32)
+            with torch.no_grad():
+                got, _ = moe(x)
+                want = naive_moe(moe, x)
+            assert torch.allclose(got, want, atol=1e-5), (kw, n, (got - want).abs().max())
 
 
 def test_shared_expert_with_gate_is_added():

@@ -99,6 +99,8 @@ class MoE(nn.Module):
         Only the chosen experts' weights are read, so a decode step (a handful of tokens) costs top_k experts,
         not all of them: decode cost tracks the active parameters.
         """
+        if experts.numel() <= 8 and not torch.is_grad_enabled():  # decode: a few tokens, no sort/scatter
+            return self._dispatch_few(x, weights, experts)
         k = experts.shape[1]
         flat = experts.flatten()
         order = flat.argsort(stable=True)
@@ -113,6 +115,27 @@ class MoE(nn.Module):
                 start += n
         ys = ys * weights.flatten()[order, None]
         return torch.zeros_like(x).index_add_(0, token_of, ys)
+
+    def _dispatch_few(self, x, weights, experts):
+        # group the handful of tokens by expert so each chosen expert's weights are read once
+        chosen = experts.tolist()
+        if len(chosen) == 1:  # batch-1 decode: plain sum over the k experts, no scatter
+            w = weights[0].tolist()
+            out = self.expert(chosen[0][0], x) * w[0]
+            for j in range(1, len(w)):
+                out = out + self.expert(chosen[0][j], x) * w[j]
+            return out
+        by_expert: dict[int, list[tuple[int, int]]] = {}
+        for t, row in enumerate(chosen):
+            for j, e in enumerate(row):
+                by_expert.setdefault(e, []).append((t, j))
+        out = torch.zeros_like(x)
+        for e, pairs in by_expert.items():
+            rows = [t for t, _ in pairs]
+            y = self.expert(e, x[rows])
+            w = weights[rows, [j for _, j in pairs]][:, None]
+            out.index_add_(0, torch.tensor(rows, device=x.device), y * w)
+        return out
 
     @torch.no_grad()
     def update_selection_bias(self, load: torch.Tensor) -> None:

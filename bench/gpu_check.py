@@ -37,7 +37,7 @@ def train_speed(name: str, steps: int, seq: int, batch: int, dev: torch.device) 
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(out.lm_loss))
+        losses.append(float(out.lm_loss.detach()))
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     tok_s = steps * batch * seq / dt

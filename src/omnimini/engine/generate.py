@@ -30,20 +30,21 @@ def check_length(n_prompt: int, max_tokens: int, max_len: int) -> None:
         raise PromptTooLongError(f"prompt is {n_prompt} tokens; the context window is {max_len} tokens")
 
 
-def _pad(rows: list[list[int]], pad: int) -> torch.Tensor:
+def _pad(rows: list[list[int]], pad: int, device=None) -> torch.Tensor:
     T = max(len(r) for r in rows)
-    return torch.tensor([r + [pad] * (T - len(r)) for r in rows], dtype=torch.long)
+    return torch.tensor([r + [pad] * (T - len(r)) for r in rows], dtype=torch.long, device=device)
 
 
 @torch.inference_mode()
 def prefill(model, cache, rows: list[list[int]], slots: torch.Tensor, image_embeds=None) -> torch.Tensor:
     """Run right-padded prompts through the model into cache rows `slots`; return each row's last logits."""
-    ids = _pad(rows, 0)
+    dev = model.embed.weight.device
+    ids = _pad(rows, 0, dev)
     B, T = ids.shape
-    positions = torch.arange(T).expand(B, T)
-    out = model(ids, positions=positions, cache=cache, slots=slots, image_embeds=image_embeds)
-    last = torch.tensor([len(r) - 1 for r in rows])
-    return out.logits[torch.arange(B), last].float()
+    positions = torch.arange(T, device=dev).expand(B, T)
+    out = model(ids, positions=positions, cache=cache, slots=slots.to(dev), image_embeds=image_embeds)
+    last = torch.tensor([len(r) - 1 for r in rows], device=dev)
+    return out.logits[torch.arange(B, device=dev), last].float().cpu()
 
 
 @torch.inference_mode()
@@ -58,8 +59,9 @@ def generate_stream(model, requests: list[GenRequest], eos_ids: list[int]) -> It
     slots = torch.arange(B)
     embeds = None
     pix = [r.pixels for r in requests if r.pixels is not None]
+    dev = model.embed.weight.device
     if pix:
-        embeds = model.encode_images(torch.cat(pix))
+        embeds = model.encode_images(torch.cat(pix).to(dev))
     logits = prefill(model, cache, [r.prompt_ids for r in requests], slots, embeds)
     gens = [make_generator(r.params.seed) for r in requests]
     counts = torch.zeros(B, model.config.vocab_size)
@@ -84,9 +86,9 @@ def generate_stream(model, requests: list[GenRequest], eos_ids: list[int]) -> It
             nxt.append(tok)
         if all(done):
             return
-        ids = torch.tensor(nxt)[:, None]
-        out = model(ids, positions=lengths[:, None].clone(), cache=cache, slots=slots, logits_for="last")
-        logits = out.logits[:, -1].float()
+        ids = torch.tensor(nxt, device=dev)[:, None]
+        out = model(ids, positions=lengths[:, None].to(dev), cache=cache, slots=slots.to(dev), logits_for="last")
+        logits = out.logits[:, -1].float().cpu()
         lengths += 1
 
 

@@ -40,7 +40,7 @@ def test_quantized_dense_model_logits_close():
         quantize_model(model, "int8")
         got = model(ids).logits
     assert isinstance(model.lm_head, Int8Linear)  # a tied head gets its own quantized copy
-    assert all(isinstance(b.attn.q_proj, Int8Linear) for b in model.blocks)
+    assert all(isinstance(b.attn.qkv, Int8Linear) and b.attn.q_proj is None for b in model.blocks)
     rel = (got - want).norm() / want.norm()
     assert 1e-5 < rel < 0.05, rel
 

@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None)
     p.add_argument("--raw", action="store_true", help="no chat template: continue the text as is")
     p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none")
+    p.add_argument("--quantize", choices=["none", "fp16", "int8", "int4"], default="none")
     _sampling_args(p)
     p.set_defaults(fn=cmd_generate)
 
@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None)
     p.add_argument("--system", default=None)
     p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--quantize", choices=["none", "int8", "int4"], default="int8")
+    p.add_argument("--quantize", choices=["none", "fp16", "int8", "int4"], default="fp16")
     p.set_defaults(fn=cmd_chat)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")

@@ -222,7 +222,7 @@ def param_counts(cfg: ModelConfig) -> dict:
         per_block = 4 * vh * vh + 4 * vh + 2 * vh * v.intermediate_size + v.intermediate_size + vh + 4 * vh
         proj_in = vh * v.pixel_shuffle ** 2
         c["vision"] = (3 * v.patch_size ** 2 * vh + vh + 2 * v.max_grid * vh + v.num_layers * per_block + 2 * vh
-                       + proj_in * h + h + h * h + h)
+                       + proj_in * h + h + h * h + h + h)
     shared = c["attention"] + c["dense_mlp"] + c["shared_experts"] + c["router"] + c["embeddings"] + c["lm_head"]
     c["total_params"] = shared + c["experts"] + c["vision"]
     # Active per text token: everything a token touches (embedding row counted like the lm_head, as is customary).

@@ -128,8 +128,11 @@ LINEARS = {"int8": Int8Linear, "fp16": Fp16Linear}
 
 
 def _quantize_attention(attn: Attention, linear) -> None:
-    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        setattr(attn, name, linear.from_linear(getattr(attn, name)))
+    projs = [attn.q_proj, attn.k_proj, attn.v_proj]
+    bias = None if projs[0].bias is None else torch.cat([p.bias for p in projs])
+    attn.qkv = linear(torch.cat([p.weight for p in projs]), bias)  # one fused matmul per layer
+    attn.q_proj = attn.k_proj = attn.v_proj = None
+    attn.o_proj = linear.from_linear(attn.o_proj)
 
 
 def _quantize_moe(moe: MoE, linear) -> None:

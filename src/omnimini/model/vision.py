@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omnimini.config import VisionConfig
+from omnimini.model.layers import RMSNorm
 
 # ImageNet-style normalisation; images arrive as float [3, S, S] in 0..1
 MEAN = (0.5, 0.5, 0.5)
@@ -45,6 +46,10 @@ class VisionEncoder(nn.Module):
         s = cfg.pixel_shuffle
         self.proj_fc1 = nn.Linear(d * s * s, lm_hidden)
         self.proj_fc2 = nn.Linear(lm_hidden, lm_hidden)
+        # image tokens start at the scale of text embeddings (std 0.02): unnormalised they grow ~100x larger,
+        # become an attention sink, and the encoder stops receiving gradient
+        self.proj_norm = RMSNorm(lm_hidden)
+        nn.init.constant_(self.proj_norm.weight, 0.02)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels [N, 3, H, W] normalised -> image tokens [N, (H/p/s)*(W/p/s), lm_hidden]."""
@@ -69,4 +74,4 @@ class VisionEncoder(nn.Module):
         s = self.cfg.pixel_shuffle
         N, _, D = x.shape
         x = x.view(N, gh // s, s, gw // s, s, D).permute(0, 1, 3, 2, 4, 5).reshape(N, (gh // s) * (gw // s), s * s * D)
-        return self.proj_fc2(F.gelu(self.proj_fc1(x)))
+        return self.proj_norm(self.proj_fc2(F.gelu(self.proj_fc1(x))))

@@ -259,34 +259,24 @@ class Engine:
                 pass
 
         self.submit(req, sink)
-        remaining = req.n
+        pending = _Pending(req.n)
         try:
-            while remaining:
-                ev = await q.get()
-                if ev.finish_reason == "error":
-                    raise EngineError(ev.error or "generation failed")
-                if ev.finish_reason is not None:
-                    remaining -= 1
-                yield ev
+            while pending.left:
+                yield pending.check(await q.get())
         finally:
-            if remaining:
+            if pending.left:
                 self.abort(req.request_id)
 
     def stream_sync(self, req: EngineRequest) -> Iterator[EngineEvent]:
         """Blocking iterator of a request's events (terminal chat); leaving it early aborts the request."""
         q: queue.Queue[EngineEvent] = queue.Queue()
         self.submit(req, q.put)
-        remaining = req.n
+        pending = _Pending(req.n)
         try:
-            while remaining:
-                ev = q.get()
-                if ev.finish_reason == "error":
-                    raise EngineError(ev.error or "generation failed")
-                if ev.finish_reason is not None:
-                    remaining -= 1
-                yield ev
+            while pending.left:
+                yield pending.check(q.get())
         finally:
-            if remaining:
+            if pending.left:
                 self.abort(req.request_id)
 
     def generate(self, requests: list[EngineRequest], timeout: float | None = None) -> list[GenerationResult]:
@@ -563,6 +553,20 @@ class Engine:
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------
+
+class _Pending:
+    """Counts a streamed request's unfinished sequences; turns an error event into an exception."""
+
+    def __init__(self, n: int):
+        self.left = n
+
+    def check(self, ev: EngineEvent) -> EngineEvent:
+        if ev.finish_reason == "error":
+            raise EngineError(ev.error or "generation failed")
+        if ev.finish_reason is not None:
+            self.left -= 1
+        return ev
+
 
 class _Utf8:
     """Incremental UTF-8 decoding of token bytes (a character may span tokens)."""

@@ -9,7 +9,6 @@ list of actions) or interactive (`NavEnv`).
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
@@ -19,6 +18,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from .base import Episode, SceneError, check_seed, make_rng
+from .parsing import find_json_list
 from .world import BACKGROUND, PALETTE, SHAPES, WALL_COLOUR, draw_shape, shape_polygon
 
 GRID = 9
@@ -137,14 +137,9 @@ def _canonical(word: str) -> str:
 def parse_actions(text: str) -> list[str]:
     """Actions from a JSON list or from lines that hold only actions ('forward', '2. turn left',
     'forward x3', 'forward, forward, stop'); commentary lines are ignored."""
-    m = re.search(r"\[.*\]", text, flags=re.S)
-    if m:
-        try:
-            items = json.loads(m.group(0))
-        except ValueError:
-            items = None
-        if isinstance(items, list) and items and all(isinstance(i, str) for i in items):
-            return parse_actions("\n".join(items))
+    items = find_json_list(text)
+    if items and all(isinstance(i, str) for i in items):
+        return parse_actions("\n".join(items))
     out: list[str] = []
     for line in text.lower().splitlines():
         line = re.sub(r"^\s*(\d+[\.\):]|[-*•])\s*", "", line).strip().strip("`*")

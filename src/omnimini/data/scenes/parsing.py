@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import string
 
@@ -98,3 +99,15 @@ def parse_short(response: str, candidates: list[str]) -> str | None:
         if hits:  # several named in the answer segment: ambiguous, do not fall back to the whole text
             return None
     return None
+
+
+def find_json_list(text: str) -> list | None:
+    """The outermost [...] span of a response parsed as JSON, when it is a non-empty list (else None)."""
+    m = re.search(r"\[.*\]", text, flags=re.S)
+    if not m:
+        return None
+    try:
+        items = json.loads(m.group(0))
+    except ValueError:
+        return None
+    return items if isinstance(items, list) and items else None

@@ -18,6 +18,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from .base import Episode, SceneError, make_rng, pick_subset
+from .parsing import find_json_list
 from .world import BACKGROUND, PALETTE, WALL_COLOUR, draw_shape, font
 
 RECEPTACLES = {  # name -> can be closed
@@ -175,23 +176,17 @@ def _clean_arg(a: str) -> str:
 def parse_plan(text: str) -> list[tuple[str, list[str]]]:
     """Actions from a response: 'skill(a, b)' per line (numbering/bullets allowed), 'skill a b' lines,
     or a JSON list of such strings or of {"skill"/"action": ..., "args": [...]} objects."""
-    m = re.search(r"\[.*\]", text, flags=re.S)
-    if m:
-        try:
-            items = json.loads(m.group(0))
-        except ValueError:
-            items = None
-        if isinstance(items, list) and items:
-            if all(isinstance(i, str) for i in items):
-                return parse_plan("\n".join(items))
-            if all(isinstance(i, dict) for i in items):
-                out = []
-                for i in items:
-                    verb = _VERBS.get(str(i.get("skill", i.get("action", ""))).lower())
-                    args = i.get("args", i.get("arguments", []))
-                    if verb:
-                        out.append((verb, [_clean_arg(str(a)) for a in (args if isinstance(args, list) else [args])]))
-                return out
+    items = find_json_list(text)
+    if items and all(isinstance(i, str) for i in items):
+        return parse_plan("\n".join(items))
+    if items and all(isinstance(i, dict) for i in items):
+        out = []
+        for i in items:
+            verb = _VERBS.get(str(i.get("skill", i.get("action", ""))).lower())
+            args = i.get("args", i.get("arguments", []))
+            if verb:
+                out.append((verb, [_clean_arg(str(a)) for a in (args if isinstance(args, list) else [args])]))
+        return out
     actions = []
     for line in text.splitlines():
         line = line.strip().strip("`*").lower()

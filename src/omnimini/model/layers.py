@@ -124,7 +124,7 @@ class Attention(nn.Module):
 
     def _cache_update(self, cache: KVCache, k, v, positions, slots):
         kc, vc = cache.k[self.layer], cache.v[self.layer]
-        kv_len = int(positions.max()) + 1
+        kv_len = min(int(positions.max()) + 1, cache.max_len)
         rows = slots if slots is not None else torch.arange(k.shape[0], device=k.device)
         pos = positions.clamp(max=cache.max_len - 1)  # padded tail tokens may run past the end: never read
         kc[rows[:, None], :, pos] = k.transpose(1, 2).to(kc.dtype)

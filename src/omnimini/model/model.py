@@ -101,7 +101,7 @@ class OmniModel(nn.Module):
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        mask = self._mask(positions, attention_mask, cache is not None)
+        mask = self._mask(positions, attention_mask, cache.max_len if cache is not None else None)
         x = self.embed_inputs(input_ids, pixels, image_embeds)
         rope = self.rotary(positions)
         stats = []
@@ -126,10 +126,11 @@ class OmniModel(nn.Module):
         return out
 
     @staticmethod
-    def _mask(positions, attention_mask, cached: bool):
-        if cached:
-            # key j (a cache position) is visible to a query at position p when j <= p
-            kv_len = int(positions.max()) + 1
+    def _mask(positions, attention_mask, cache_len: int | None):
+        if cache_len is not None:
+            # key j (a cache position) is visible to a query at position p when j <= p; padded tail tokens of
+            # a chunked prefill may carry positions past the cache end: they are never read, so cap the keys
+            kv_len = min(int(positions.max()) + 1, cache_len)
             keys = torch.arange(kv_len, device=positions.device)
             return (keys[None, None, :] <= positions[:, :, None])[:, None]
         if attention_mask is None:

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from smollm2_prompts import PROMPTS
 
 from omnimini.config import ModelConfig, MoEConfig
 from omnimini.engine.generate import GenRequest, generate
@@ -81,13 +82,6 @@ def test_bad_modes():
 
 # ---- SmolLM2 -------------------------------------------------------------------------------------------------
 
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "What is 12 + 30?",
-    "Name three primary colors.",
-    "Translate 'good morning' to Spanish.",
-]
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@ import torch
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
+from smollm2_prompts import PROMPTS  # noqa: E402
+
 from omnimini.engine.generate import GenRequest, generate  # noqa: E402
 from omnimini.engine.sampling import SamplingParams  # noqa: E402
 from omnimini.tokenizer import BYTE_TO_CHAR  # noqa: E402, I001
@@ -138,13 +140,6 @@ def test_tokenizer_vocab_mismatch(tmp_path):
 
 # ---- the real SmolLM2-135M-Instruct GGUF, against transformers' own GGUF loader ----------------------------
 
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "What is 12 + 30?",
-    "Name three primary colors.",
-    "Translate 'good morning' to Spanish.",
-]
 
 
 @pytest.fixture(scope="module")

@@ -118,11 +118,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown config keys: {sorted(unknown)}")
-        return cls(**d)
+        return strict_from_dict(cls, d, "config")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -136,6 +132,14 @@ class ModelConfig:
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         return cls.from_dict(d.get("omnimini", d))
+
+
+def strict_from_dict(cls, d: dict, what: str):
+    """Build dataclass `cls` from `d`, refusing unknown keys (a typo must not be silently ignored)."""
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ConfigError(f"unknown {what} keys: {sorted(unknown)}")
+    return cls(**d)
 
 
 # ---- presets -------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omnimini.config import ConfigError, ModelConfig, preset
+from omnimini.config import ConfigError, ModelConfig, preset, strict_from_dict
 
 
 @dataclass
@@ -88,11 +88,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown training config keys: {sorted(unknown)}")
-        return cls(**d)
+        return strict_from_dict(cls, d, "training config")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -13,7 +13,7 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
-from omnimini.data.text import DataError, Problems, resolve_path
+from omnimini.data.text import MALFORMED, DataError, Problems, parse_json_line, resolve_path
 
 IGNORE = -100
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
@@ -115,10 +115,9 @@ def read_records(path: str | Path, problems: Problems) -> Iterator[tuple[dict, s
         for i, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
-            try:
-                yield json.loads(line), f"{p}:{i}"
-            except json.JSONDecodeError as e:
-                problems.report(f"{p}:{i}: malformed JSON ({e.msg} at column {e.colno})")
+            rec = parse_json_line(line, f"{p}:{i}", problems)
+            if rec is not MALFORMED:
+                yield rec, f"{p}:{i}"
         return
     try:
         data = json.loads(text)

@@ -45,6 +45,18 @@ class Problems:
             log.warning("skipped: %s", msg)
 
 
+MALFORMED = object()  # what parse_json_line returns for a bad line (a valid line may hold `null`)
+
+
+def parse_json_line(line: str, where: str, problems: Problems):
+    """One JSON-lines record, or MALFORMED after reporting the line as `where: malformed JSON (...)`."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        problems.report(f"{where}: malformed JSON ({e.msg} at column {e.colno})")
+        return MALFORMED
+
+
 def data_root() -> Path | None:
     """The shared data folder from OMNIMINI_DATA (None when unset)."""
     env = os.environ.get("OMNIMINI_DATA")
@@ -144,10 +156,8 @@ def read_jsonl(path: str, offset: int, text_key: str, problems: Problems) -> Ite
             line = _decode(raw, path, lineno, problems)
             if line is None:
                 continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.report(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})")
+            rec = parse_json_line(line, f"{path}:{lineno}", problems)
+            if rec is MALFORMED:
                 continue
             text = rec.get(text_key) if isinstance(rec, dict) else None
             if not isinstance(text, str):

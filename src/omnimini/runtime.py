@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 
 
 def load_for_inference(spec: str | None, quantize: str = "none", device: str = "cpu"):
     """(model, tokenizer) from an omnimini dir, HF dir, .gguf file or model name; None -> the default model."""
-    try:
-        from omnimini.weights.convert import load_any
-    except ImportError:
-        load_any = None
-    if load_any is not None:
-        model, tok = load_any(spec, device=device, dtype=torch.float32)
-    else:
-        from omnimini.model import OmniModel
-        from omnimini.tokenizer import Tokenizer
+    from omnimini.weights.convert import load_any
 
-        if spec is None:
-            raise ValueError("--model is required (no default model available in this install)")
-        model, tok = OmniModel.from_pretrained(spec, device=device), Tokenizer.from_dir(Path(spec))
+    model, tok = load_any(spec, device=device, dtype=torch.float32)
     model.eval()
     if quantize and quantize != "none":
         from omnimini.engine.quant import quantize_model

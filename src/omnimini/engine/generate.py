@@ -25,7 +25,7 @@ class GenRequest:
     pixels: torch.Tensor | None = None  # [n_images, 3, S, S] for the placeholders in prompt_ids
 
 
-def check_length(n_prompt: int, max_tokens: int, max_len: int) -> None:
+def check_length(n_prompt: int, max_len: int) -> None:
     if n_prompt >= max_len:
         raise PromptTooLongError(f"prompt is {n_prompt} tokens; the context window is {max_len} tokens")
 
@@ -52,7 +52,7 @@ def generate_stream(model, requests: list[GenRequest], eos_ids: list[int]) -> It
     """Yield (request index, token id) as tokens are produced, all requests decoded together."""
     max_len = model.config.max_seq_len
     for r in requests:
-        check_length(len(r.prompt_ids), r.params.max_tokens, max_len)
+        check_length(len(r.prompt_ids), max_len)
     B = len(requests)
     total = max(min(len(r.prompt_ids) + r.params.max_tokens, max_len) for r in requests)
     cache = model.new_cache(B, total)

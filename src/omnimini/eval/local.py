@@ -75,6 +75,6 @@ def make_local_client(spec: str, quantize: str = "none"):
     from omnimini.eval.clients import InProcessClient
     from omnimini.runtime import load_for_inference
 
-    model, tok = load_for_inference(None if spec in ("default",) else spec, quantize=quantize)
+    model, tok = load_for_inference(spec, quantize=quantize)  # load_any knows "default"
     runner = LocalRunner(model, tok)
     return InProcessClient(runner.generate, runner.loglikelihood, model_id=str(spec))

@@ -87,3 +87,18 @@ def test_aux_loss_free_bias_moves_toward_uniform_load():
     moe.update_selection_bias(torch.tensor([10, 0, 0, 2]))
     b = moe.router.selection_bias
     assert b[0] < 0 and b[1] > 0 and b[2] > 0 and b[3] > 0
+
+
+def test_grouped_expert_gradients_equal_autograd_of_naive_loop():
+    for n in (64, 5):  # 5 tokens: some experts get none (their gradient must be exactly zero)
+        moe = make().train()
+        x = torch.randn(n, 32, requires_grad=True)
+        probe = torch.randn(n, 32)
+        y, _ = moe(x)
+        got = torch.autograd.grad((y * probe).sum(), [x, moe.gate_up, moe.down, moe.router.weight])
+        ref = torch.autograd.grad((naive_moe(moe, x) * probe).sum(), [x, moe.gate_up, moe.down, moe.router.weight])
+        for g, r in zip(got, ref, strict=True):
+            assert torch.allclose(g, r, atol=1e-5), (n, (g - r).abs().max())
+        unused = moe.router(x).experts.flatten().bincount(minlength=8) == 0
+        assert n == 64 or unused.any()
+        assert (got[1][unused] == 0).all() and (got[2][unused] == 0).all()

@@ -105,14 +105,18 @@ class MoE(nn.Module):
         flat = experts.flatten()
         order = flat.argsort(stable=True)
         token_of = order // k
-        counts = torch.bincount(flat, minlength=self.cfg.num_experts).tolist()
+        counts = torch.bincount(flat, minlength=self.cfg.num_experts)
         xs = x[token_of]
-        ys = torch.empty_like(xs)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                ys[start:start + n] = self.expert(e, xs[start:start + n])
-                start += n
+        if self.expert_fn is not None:  # engine: per-expert replacement MLPs (quantized weights)
+            ys = torch.empty_like(xs)
+            start = 0
+            for e, n in enumerate(counts.tolist()):
+                if n:
+                    ys[start:start + n] = self.expert_fn(e, xs[start:start + n])
+                    start += n
+        else:
+            ys = experts_swiglu(xs, self.gate_up, self.down, counts)
+        # scale each (token, expert) row by its routing weight and sum the k rows of each token in place
         ys = ys * weights.flatten()[order, None]
         return torch.zeros_like(x).index_add_(0, token_of, ys)
 
@@ -143,3 +147,97 @@ class MoE(nn.Module):
         if self.cfg.bias_update_rate > 0:
             err = load.float().mean() - load.float()
             self.router.selection_bias += self.cfg.bias_update_rate * err.sign()
+
+
+# ---- grouped expert SwiGLU ---------------------------------------------------------------------------------
+# One op for all experts of a layer: forward and backward each run a plain matmul per expert that received tokens
+# (written in place into one output, no per-expert autograd nodes, no gathers of weight slices whose backward
+# would zero-fill a full [E, ...] gradient per expert) and do the SwiGLU pointwise work once over all rows.
+# It is a custom op so torch.compile treats it as one opaque node instead of breaking the graph on the
+# data-dependent per-expert row counts.
+
+
+def _spans(counts: torch.Tensor) -> list[tuple[int, int, int]]:
+    spans, start = [], 0
+    for e, n in enumerate(counts.tolist()):
+        if n:
+            spans.append((e, start, start + n))
+        start += n
+    return spans
+
+
+@torch.library.custom_op("omnimini::experts_swiglu", mutates_args=())
+def _experts_fwd(xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                 counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """xs [S, H] rows sorted by expert, counts [E] rows per expert -> (y [S, H], gate_up output h [S, 2I])."""
+    inter = down.shape[2]
+    h = xs.new_empty(xs.shape[0], 2 * inter)
+    y = xs.new_empty(xs.shape)
+    spans = _spans(counts)
+    for e, a, b in spans:
+        torch.mm(xs[a:b], gate_up[e].t(), out=h[a:b])
+    act = F.silu(h[:, :inter]).mul_(h[:, inter:])
+    for e, a, b in spans:
+        torch.mm(act[a:b], down[e].t(), out=y[a:b])
+    return y, h
+
+
+@_experts_fwd.register_fake
+def _(xs, gate_up, down, counts):
+    return xs.new_empty(xs.shape), xs.new_empty(xs.shape[0], 2 * down.shape[2])
+
+
+@torch.library.custom_op("omnimini::experts_swiglu_backward", mutates_args=())
+def _experts_bwd(dy: torch.Tensor, xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, h: torch.Tensor,
+                 counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    inter = down.shape[2]
+    spans = _spans(counts)
+    g, u = h[:, :inter], h[:, inter:]
+    s = F.silu(g)
+    act = s * u
+    d_xs, d_gate_up, d_down = torch.empty_like(xs), torch.empty_like(gate_up), torch.empty_like(down)
+    idle = sorted(set(range(down.shape[0])) - {e for e, _, _ in spans})
+    if idle:  # experts that got no tokens this step have zero gradient
+        d_gate_up[idle] = 0
+        d_down[idle] = 0
+    d_act = xs.new_empty(act.shape)
+    for e, a, b in spans:
+        torch.mm(dy[a:b], down[e], out=d_act[a:b])
+        torch.mm(dy[a:b].t(), act[a:b], out=d_down[e])
+    dh = torch.empty_like(h)
+    torch.ops.aten.silu_backward(d_act * u, g, grad_input=dh[:, :inter])
+    torch.mul(d_act, s, out=dh[:, inter:])
+    for e, a, b in spans:
+        torch.mm(dh[a:b], gate_up[e], out=d_xs[a:b])
+        torch.mm(dh[a:b].t(), xs[a:b], out=d_gate_up[e])
+    return d_xs, d_gate_up, d_down
+
+
+@_experts_bwd.register_fake
+def _(dy, xs, gate_up, down, h, counts):
+    return torch.empty_like(xs), torch.empty_like(gate_up), torch.empty_like(down)
+
+
+def _experts_setup(ctx, inputs, output):
+    xs, gate_up, down, counts = inputs
+    ctx.save_for_backward(xs, gate_up, down, output[1], counts)
+    ctx.set_materialize_grads(False)  # h is returned only to be saved: it never receives a gradient
+
+
+def _experts_backward(ctx, dy, _dh):
+    xs, gate_up, down, h, counts = ctx.saved_tensors
+    d_xs, d_gate_up, d_down = _experts_bwd(dy.contiguous(), xs, gate_up, down, h, counts)
+    return d_xs, d_gate_up, d_down, None
+
+
+_experts_fwd.register_autograd(_experts_backward, setup_context=_experts_setup)
+
+
+def experts_swiglu(xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of each row of xs (sorted by expert, counts[e] rows for expert e) through its expert's weights."""
+    dtype = xs.dtype
+    dev = xs.device.type
+    if torch.is_autocast_enabled(dev):  # custom ops are not autocast-aware: cast as autocast would for a matmul
+        low = torch.get_autocast_dtype(dev)
+        xs, gate_up, down = xs.to(low), gate_up.to(low), down.to(low)
+    return _experts_fwd(xs.contiguous(), gate_up.contiguous(), down.contiguous(), counts)[0].to(dtype)

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from omnimini.config import ConfigError, ModelConfig, param_counts
@@ -28,6 +27,7 @@ from omnimini.train import dist as D
 from omnimini.train import state as S
 from omnimini.train.config import DataSpec, TrainConfig
 from omnimini.train.flops import flops_per_token, peak_flops
+from omnimini.train.loss import weighted_cross_entropy
 from omnimini.train.optim import make_optimizer
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,67 @@ def _moe_layers(model) -> list:
 # ---- the loop ----------------------------------------------------------------------------------------------
 
 
+class ModelStep:
+    """The part of a training step that touches the model: forward + backward over one global batch's
+    micro-batches, gradient clipping, the optimizer and schedule step, and the MoE bias update.
+
+    bench/train_speed.py times exactly this object, so its figures are the trainer's step.
+    """
+
+    def __init__(self, model: OmniModel, cfg: TrainConfig, info: D.DistInfo):
+        self.model, self.cfg, self.info = model, cfg, info
+        self.mcfg = model.config
+        self.moe = _moe_layers(model)
+        if info.enabled:
+            D.shard(model)
+        self.forward = torch.compile(model) if cfg.compile else model
+        self.opt, self.sched = make_optimizer(model, cfg)
+
+    def __call__(self, micro_batches: list[dict]) -> dict:
+        cfg, dev = self.cfg, self.info.device
+        self.model.train()
+        lm_sum = torch.zeros((), device=dev)
+        aux_sum, z_sum = torch.zeros((), device=dev), torch.zeros((), device=dev)
+        load = None
+        for mb in micro_batches:
+            mb = _to(mb, dev)
+            with autocast_ctx(cfg, dev):
+                out = self.forward(mb["input_ids"], positions=mb["positions"], pixels=mb["pixels"])
+            lm = weighted_cross_entropy(out.logits.float(), mb["labels"], mb["weights"][:, None], IGNORE)
+            # x world: FSDP averages gradients over ranks, we want the sum over the global batch
+            loss = lm * self.info.world
+            if out.aux_loss is not None:
+                m = self.mcfg.moe
+                loss = loss + (m.aux_loss_coef * out.aux_loss + m.z_loss_coef * out.z_loss) / cfg.grad_accum
+                aux_sum += out.aux_loss.detach() / cfg.grad_accum
+                z_sum += out.z_loss.detach() / cfg.grad_accum
+                load = out.expert_load.detach() if load is None else load + out.expert_load.detach()
+            loss.backward()
+            lm_sum += lm.detach()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0
+                                               else float("inf"), foreach=True)
+        if hasattr(gnorm, "full_tensor"):
+            gnorm = gnorm.full_tensor()
+        stats = torch.stack([lm_sum, aux_sum, z_sum]).float()
+        D.all_reduce_sum(stats, self.info)
+        lm_loss = float(stats[0])
+        if not math.isfinite(lm_loss):
+            raise TrainError(f"loss became {lm_loss}; lower lr or check the data")
+        lr = self.sched.get_last_lr()[0]
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        rec = {"loss": lm_loss, "lr": lr, "grad_norm": float(gnorm)}
+        if load is not None:
+            load = D.all_reduce_sum(load.float(), self.info)
+            for mod, row in zip(self.moe, load, strict=True):
+                mod.update_selection_bias(row)
+            rec["aux_loss"] = float(stats[1]) / self.info.world
+            rec["z_loss"] = float(stats[2]) / self.info.world
+            rec["expert_load"] = load.round().long().tolist()
+        return rec
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, tokenizer=None):
         self.cfg = cfg
@@ -114,11 +175,8 @@ class Trainer:
         self.tok = tokenizer or load_tokenizer(cfg)
         self.model = build_model(cfg, self.tok).to(self.info.device)
         self.mcfg = self.model.config
-        self.moe = _moe_layers(self.model)
-        if self.info.enabled:
-            D.shard(self.model)
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
-        self.opt, self.sched = make_optimizer(self.model, cfg)
+        self.run_step = ModelStep(self.model, cfg, self.info)
+        self.forward, self.opt, self.sched = self.run_step.forward, self.run_step.opt, self.run_step.sched
         self.data = build_mixture(cfg.data, self.tok, self.mcfg, cfg, cfg.seed)
         self.out = Path(cfg.out_dir)
         self.ckpt_dir = self.out / "checkpoints"
@@ -179,54 +237,14 @@ class Trainer:
         return [1.0 / total] * len(samples)
 
     def train_step(self) -> dict:
-        cfg, dev = self.cfg, self.info.device
         samples = [next(self.data) for _ in range(self.global_batch)]
         n_global = sum(sum(1 for x in s["labels"] if x != IGNORE) for s in samples)
         tokens = sum(len(s["input_ids"]) for s in samples)
-        weights = self._token_weights(samples)
-        self.model.train()
-        lm_sum = torch.zeros((), device=dev)
-        aux_sum, z_sum = torch.zeros((), device=dev), torch.zeros((), device=dev)
-        load = None
-        for mb in self._micro_batches(samples, weights):
-            mb = _to(mb, dev)
-            with autocast_ctx(cfg, dev):
-                out = self.forward(mb["input_ids"], positions=mb["positions"], pixels=mb["pixels"])
-            ce = F.cross_entropy(out.logits.float().flatten(0, 1), mb["labels"].flatten(), ignore_index=IGNORE,
-                                 reduction="none").view_as(mb["labels"])
-            lm = (ce * mb["weights"][:, None]).sum()
-            # x world: FSDP averages gradients over ranks, we want the sum over the global batch
-            loss = lm * self.info.world
-            if out.aux_loss is not None:
-                m = self.mcfg.moe
-                loss = loss + (m.aux_loss_coef * out.aux_loss + m.z_loss_coef * out.z_loss) / cfg.grad_accum
-                aux_sum += out.aux_loss.detach() / cfg.grad_accum
-                z_sum += out.z_loss.detach() / cfg.grad_accum
-                load = out.expert_load.detach() if load is None else load + out.expert_load.detach()
-            loss.backward()
-            lm_sum += lm.detach()
-        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0
-                                               else float("inf"))
-        if hasattr(gnorm, "full_tensor"):
-            gnorm = gnorm.full_tensor()
-        stats = torch.stack([lm_sum, aux_sum, z_sum]).float()
-        D.all_reduce_sum(stats, self.info)
-        lm_loss = float(stats[0])
-        if not math.isfinite(lm_loss):
-            raise TrainError(f"loss became {lm_loss} at step {self.step + 1}; lower lr or check the data")
-        lr = self.sched.get_last_lr()[0]
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
-        rec = {"step": self.step + 1, "loss": lm_loss, "lr": lr, "grad_norm": float(gnorm), "tokens": tokens,
-               "label_tokens": n_global}
-        if load is not None:
-            load = D.all_reduce_sum(load.float(), self.info)
-            for mod, row in zip(self.moe, load, strict=True):
-                mod.update_selection_bias(row)
-            rec["aux_loss"] = float(stats[1]) / self.info.world
-            rec["z_loss"] = float(stats[2]) / self.info.world
-            rec["expert_load"] = load.round().long().tolist()
+        try:
+            stats = self.run_step(self._micro_batches(samples, self._token_weights(samples)))
+        except TrainError as e:
+            raise TrainError(f"step {self.step + 1}: {e}") from None
+        rec = {"step": self.step + 1, **stats, "tokens": tokens, "label_tokens": n_global}
         self.step += 1
         self.tokens_seen += tokens
         return rec

@@ -39,14 +39,23 @@ class Router(nn.Module):
             weights, experts = probs.topk(self.cfg.top_k, dim=-1)
         if self.cfg.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
-        weights = weights * self.cfg.routed_scaling_factor
+        if self.cfg.routed_scaling_factor != 1.0:
+            weights = weights * self.cfg.routed_scaling_factor
         return RouterOutput(weights.to(x.dtype), experts, probs, logits)
 
 
-def switch_aux_loss(probs: torch.Tensor, experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+def expert_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Tokens routed to each expert. (torch.bincount's output size depends on the data, which breaks a
+    torch.compile graph; a scatter-add into E slots does not.)"""
+    flat = experts.flatten()
+    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
+def switch_aux_loss(probs: torch.Tensor, experts: torch.Tensor, num_experts: int,
+                    counts: torch.Tensor | None = None) -> torch.Tensor:
     """E * sum_e f_e * P_e (Switch Transformer); equals 1 for perfectly uniform routing, larger when skewed."""
-    counts = torch.bincount(experts.flatten(), minlength=num_experts).to(probs.dtype)
-    f = counts / experts.numel()
+    counts = expert_counts(experts, num_experts) if counts is None else counts
+    f = counts.to(probs.dtype) / experts.numel()
     p = probs.mean(0)
     return num_experts * (f * p).sum()
 
@@ -75,15 +84,16 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         r = self.router(x)
-        out = self.dispatch(x, r.weights, r.experts)
+        counts = expert_counts(r.experts, self.cfg.num_experts)
+        out = self.dispatch(x, r.weights, r.experts, counts)
         if self.shared is not None:
             s = self.shared(x)
             if self.shared_gate is not None:
                 s = torch.sigmoid(self.shared_gate(x)) * s
             out = out + s
-        stats = {"load": torch.bincount(r.experts.flatten(), minlength=self.cfg.num_experts)}
+        stats = {"load": counts}
         if self.training:
-            stats["aux_loss"] = switch_aux_loss(r.probs, r.experts, self.cfg.num_experts)
+            stats["aux_loss"] = switch_aux_loss(r.probs, r.experts, self.cfg.num_experts, counts)
             stats["z_loss"] = z_loss(r.logits)
         return out.reshape(shape), stats
 
@@ -93,7 +103,8 @@ class MoE(nn.Module):
         gate, up = F.linear(h, self.gate_up[e]).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, self.down[e])
 
-    def dispatch(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    def dispatch(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
+                 counts: torch.Tensor | None = None) -> torch.Tensor:
         """Sort (token, expert) pairs by expert and run one matmul per expert that received tokens.
 
         Only the chosen experts' weights are read, so a decode step (a handful of tokens) costs top_k experts,
@@ -105,8 +116,8 @@ class MoE(nn.Module):
         flat = experts.flatten()
         order = flat.argsort(stable=True)
         token_of = order // k
-        counts = torch.bincount(flat, minlength=self.cfg.num_experts)
-        xs = x[token_of]
+        counts = expert_counts(experts, self.cfg.num_experts) if counts is None else counts
+        xs = x.index_select(0, token_of)  # (faster than x[token_of] both ways: a plain gather / index_add)
         if self.expert_fn is not None:  # engine: per-expert replacement MLPs (quantized weights)
             ys = torch.empty_like(xs)
             start = 0
@@ -117,7 +128,7 @@ class MoE(nn.Module):
         else:
             ys = experts_swiglu(xs, self.gate_up, self.down, counts)
         # scale each (token, expert) row by its routing weight and sum the k rows of each token in place
-        ys = ys * weights.flatten()[order, None]
+        ys = ys * weights.flatten().index_select(0, order)[:, None]
         return torch.zeros_like(x).index_add_(0, token_of, ys)
 
     def _dispatch_few(self, x, weights, experts):
@@ -192,7 +203,9 @@ def _experts_bwd(dy: torch.Tensor, xs: torch.Tensor, gate_up: torch.Tensor, down
                  counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     inter = down.shape[2]
     spans = _spans(counts)
-    g, u = h[:, :inter], h[:, inter:]
+    # g and u are column halves of h: strided views. silu_backward is ~3x slower on a strided input, so it
+    # gets a contiguous copy of g (a cheap pass); the multiplies do not care
+    g, u = h[:, :inter].contiguous(), h[:, inter:]
     s = F.silu(g)
     act = s * u
     d_xs, d_gate_up, d_down = torch.empty_like(xs), torch.empty_like(gate_up), torch.empty_like(down)
@@ -205,7 +218,7 @@ def _experts_bwd(dy: torch.Tensor, xs: torch.Tensor, gate_up: torch.Tensor, down
         torch.mm(dy[a:b], down[e], out=d_act[a:b])
         torch.mm(dy[a:b].t(), act[a:b], out=d_down[e])
     dh = torch.empty_like(h)
-    torch.ops.aten.silu_backward(d_act * u, g, grad_input=dh[:, :inter])
+    dh[:, :inter] = torch.ops.aten.silu_backward(d_act * u, g)
     torch.mul(d_act, s, out=dh[:, inter:])
     for e, a, b in spans:
         torch.mm(dh[a:b], gate_up[e], out=d_xs[a:b])

@@ -38,6 +38,19 @@ def _packed_int8(weight: torch.Tensor, bias: torch.Tensor | None):
         return torch.ops.quantized.linear_prepack(wq, None if bias is None else bias.detach().float())
 
 
+def int8_matmul(x2: torch.Tensor, packed) -> torch.Tensor:
+    """[N, in] float32 @ fbgemm-packed int8 weights; activations quantized per row (see Int8Linear)."""
+    # reduce_range=True: 7-bit activations keep AVX2's int16 pairwise accumulation from saturating
+    if x2.shape[0] == 1:
+        return torch.ops.quantized.linear_dynamic(x2, packed, True)
+    a = x2.abs().amax(-1, keepdim=True).clamp_min(1e-12)
+    return torch.ops.quantized.linear_dynamic(x2 / a, packed, True) * a
+
+
+def fp16_matmul(x2: torch.Tensor, packed) -> torch.Tensor:
+    return torch.ops.quantized.linear_dynamic_fp16(x2, packed)
+
+
 class Int8Linear(nn.Module):
     """y = x W^T (+ b) with W stored int8 (per-row scales) in fbgemm's prepacked layout.
 
@@ -53,13 +66,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).float()
-        # reduce_range=True: 7-bit activations keep AVX2's int16 pairwise accumulation from saturating
-        if x2.shape[0] == 1:
-            y = torch.ops.quantized.linear_dynamic(x2, self._packed, True)
-        else:
-            a = x2.abs().amax(-1, keepdim=True).clamp_min(1e-12)
-            y = torch.ops.quantized.linear_dynamic(x2 / a, self._packed, True) * a
+        y = int8_matmul(x.reshape(-1, shape[-1]).float(), self._packed)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features).to(x.dtype)
@@ -84,7 +91,7 @@ class Fp16Linear(Int8Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, shape[-1]).float(), self._packed)
+        y = fp16_matmul(x.reshape(-1, shape[-1]).float(), self._packed)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features).to(x.dtype)

@@ -161,7 +161,8 @@ class _Req:
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 16, max_context: int | None = None,
                  kv_budget_tokens: int | None = None, prefill_chunk: int = 256, name: str = "model",
-                 threads: int | None = int(os.environ.get("OMNIMINI_ENGINE_THREADS", "1"))):
+                 threads: int | None = int(os.environ.get("OMNIMINI_ENGINE_THREADS", "1")),
+                 compile_decode: bool = False):
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch ({max_batch}) and prefill_chunk ({prefill_chunk}) must be >= 1")
         self.model = model.eval()
@@ -182,6 +183,8 @@ class Engine:
         tv = min(tokenizer.vocab_size, self.vocab)
         self._invalid = None if tv >= self.vocab else torch.arange(self.vocab) >= tv
         self.cache = model.new_cache(max_batch, self.max_context)
+        self.compile_decode = compile_decode
+        self._fast = None  # compiled decode step (fast_decode.FastDecoder), built in the engine thread
         self.stats = EngineStats()
         self._free_slots = list(range(max_batch))
         self._reserved = 0
@@ -321,6 +324,8 @@ class Engine:
         if self.threads:
             # measured: 2 OpenMP threads driven from a non-main Python thread decode ~2x slower than 1 here
             torch.set_num_threads(self.threads)
+        if self.compile_decode:
+            self._build_fast_decoder()
         while True:
             with self._cv:
                 while not self._has_work() and not self._closing:
@@ -347,6 +352,24 @@ class Engine:
                     self._fail(r, f"{type(e).__name__}: {e}")
             self.stats.waiting = len(self._waiting)
             self.stats.running = len(self._running)
+
+    def _build_fast_decoder(self) -> None:
+        """Compile the decode step before serving (requests queue meanwhile); on any failure decode stays eager."""
+        from omnimini.engine.fast_decode import FastDecoder, supports
+
+        reason = supports(self.model)
+        if reason:
+            log.warning("compiled decode unavailable for %s (%s): decoding eagerly", self.name, reason)
+            return
+        t = time.perf_counter()
+        try:
+            fast = FastDecoder(self.model, self.cache)
+            fast.warm_up(self.max_batch)
+        except Exception:
+            log.exception("compiling the decode step failed: decoding eagerly")
+            return
+        self._fast = fast
+        log.info("compiled decode step ready for %s in %.1f s", self.name, time.perf_counter() - t)
 
     def _can_admit(self, r: _Req) -> bool:
         return len(self._free_slots) >= len(r.seqs) and self._reserved + r.reserve <= self.kv_budget
@@ -461,8 +484,11 @@ class Engine:
         ids = torch.tensor([[s.pending] for s in seqs])
         pos = torch.tensor([[s.cached] for s in seqs])
         slots = torch.tensor([s.slot for s in seqs])
-        out = self.model(ids, positions=pos, cache=self.cache, slots=slots, logits_for="last")
-        logits = out.logits[:, -1].float()
+        if self._fast is not None:
+            logits = self._fast(ids[:, 0], pos[:, 0], slots).float()
+        else:
+            out = self.model(ids, positions=pos, cache=self.cache, slots=slots, logits_for="last")
+            logits = out.logits[:, -1].float()
         for i, s in enumerate(seqs):
             s.cached += 1
             if s.finished is None:

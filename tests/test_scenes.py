@@ -108,6 +108,24 @@ def test_qa_counting_counts_visible_objects():
             assert ep.meta["answer_text"] == str(len(scene.visible_objects()))
 
 
+def test_caption_lists_objects_in_reading_order():
+    """Captions are a function of the image: objects top band first, left to right, so nothing is arbitrary."""
+    import random
+
+    from omnimini.data.scene_samples import scene_caption
+    from omnimini.data.scenes.world import generate_scene
+
+    for i in range(20):
+        scene = generate_scene(random.Random(f"caption-test/{i}"))
+        text = scene_caption(scene)
+        objs = scene.visible_objects()
+        where = [text.index(f" {o.colour} {o.shape} ") for o in objs]
+        band = [0 if o.y < 1 / 3 else (2 if o.y > 2 / 3 else 1) for o in objs]
+        order = sorted(range(len(objs)), key=where.__getitem__)
+        assert [(band[k], objs[k].x) for k in order] == sorted((band[k], objs[k].x) for k in order), text
+        assert text == scene_caption(generate_scene(random.Random(f"caption-test/{i}")))
+
+
 # ---------------------------------------------------------------- pointing
 
 

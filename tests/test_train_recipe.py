@@ -91,3 +91,42 @@ def test_choice_logprobs_match_separate_scoring(tmp_path):
             logp = model(torch.tensor([prompt + cont]), pixels=pixels).logits[0].log_softmax(-1)
         ref = sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(cont))
         assert s == pytest.approx(ref, abs=1e-4)
+
+
+def test_batched_choice_logprobs_match_one_item_at_a_time(tmp_path):
+    """Scoring several questions' options in one padded forward (images encoded once) equals scoring each alone."""
+    from omnimini.config import ModelConfig
+    from omnimini.model.model import OmniModel
+    from omnimini.train.scene_eval import batch_choice_logprobs, choice_logprobs
+    from omnimini.train.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer(write_corpus(tmp_path / "c.txt"), tmp_path / "tok")
+    cfg = ModelConfig.from_dict({**TINY_MODEL, "vision": {"image_size": 32, "patch_size": 8, "hidden_size": 32,
+                                                          "num_layers": 1, "num_heads": 2, "intermediate_size": 64,
+                                                          "pixel_shuffle": 2}, "image_token_id": tok.image_token_id})
+    torch.manual_seed(0)
+    model = OmniModel(cfg).eval()
+    items = []
+    for text, choices in (("The cat sat?", ["the mat", "a log"]), ("Where did the dog run to today?",
+                                                                     ["home", "the big park", "five", "away"])):
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        items.append((tok.encode_chat(msgs, image_tokens=cfg.vision.tokens_per_image), torch.randn(1, 3, 32, 32),
+                      choices))
+    batched = batch_choice_logprobs(model, tok, items)
+    for (prompt, pixels, choices), got in zip(items, batched, strict=True):
+        assert got == pytest.approx(choice_logprobs(model, tok, prompt, pixels, choices), abs=1e-4)
+
+
+def test_image_tokens_cannot_collapse_to_a_shared_vector():
+    """A projector that learned a large constant output (the "sink" a from-scratch LM drives it to) still gives
+    different images different tokens: the component all of an image's tokens share is removed."""
+    from omnimini.config import VisionConfig
+    from omnimini.model.vision import VisionEncoder
+
+    torch.manual_seed(0)
+    enc = VisionEncoder(VisionConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=1, num_heads=2,
+                                     intermediate_size=64, pixel_shuffle=2), lm_hidden=48)
+    with torch.no_grad():
+        enc.proj_fc2.bias.fill_(100.0)  # a shared vector 1000x larger than the content
+        a, b = enc(torch.rand(2, 3, 32, 32) * 2 - 1).unbind(0)
+    assert (a - b).norm() > 0.2 * a.norm()

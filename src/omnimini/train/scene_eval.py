@@ -65,8 +65,31 @@ def choice_logprobs(model, tok, prompt_ids: list[int], pixels: torch.Tensor, cho
 
 
 @torch.no_grad()
+def batch_choice_logprobs(model, tok, items: list[tuple[list[int], torch.Tensor, list[str]]]) -> list[list[float]]:
+    """choice_logprobs for several (prompt_ids, pixels [1, 3, S, S], choices) items in one forward: every image
+    is encoded once and shared by its options' rows (right padding never changes a causal model's outputs)."""
+    end = tok.token_to_id("<|im_end|>")
+    embeds = model.encode_images(torch.cat([px for _, px, _ in items]))
+    rows, conts, owner = [], [], []
+    for k, (prompt, _, choices) in enumerate(items):
+        for c in choices:
+            cont = tok.encode(c, allow_special=False) + ([end] if end is not None else [])
+            rows.append(prompt + cont)
+            conts.append((len(prompt), cont))
+            owner.append(k)
+    T = max(len(r) for r in rows)
+    ids = torch.tensor([r + [0] * (T - len(r)) for r in rows])
+    logp = model(ids, image_embeds=embeds[torch.tensor(owner)]).logits.float().log_softmax(-1)
+    scores: list[list[float]] = [[] for _ in items]
+    for i, (start, cont) in enumerate(conts):
+        pos = torch.arange(start - 1, start - 1 + len(cont))
+        scores[owner[i]].append(float(logp[i, pos, torch.tensor(cont)].sum()))
+    return scores
+
+
+@torch.no_grad()
 def evaluate_scenes_loglik(model, tok, n: int = 200, seed_offset: int = 0, progress: bool = False,
-                           blind: bool = False) -> dict:
+                           blind: bool = False, batch_size: int = 8) -> dict:
     """Multiple-choice scene QA in the cloze formulation (as lm-eval scores ARC/HellaSwag): the open question
     (same seed, so the same scene and question as the multiple-choice episode) is asked, and the option whose
     text the model finds most likely as its answer is its pick. Chance is 1/#options. blind=True shows the model
@@ -78,16 +101,19 @@ def evaluate_scenes_loglik(model, tok, n: int = 200, seed_offset: int = 0, progr
     mc, short = QAFamily(vis.image_size, "mc"), QAFamily(vis.image_size, "short")
     model.eval()
     hits, chance, by_subset = [], [], {}
-    for i in tqdm(range(n), disable=not progress, desc="eval qa (loglik)"):
-        seed = EVAL_SEEDS[seed_offset + i]
-        ep_mc, ep_short = mc.episode(seed), short.episode(seed)
-        pixels = eval_pixels(ep_short, vis.image_size)
-        scores = choice_logprobs(model, tok, _prompt_ids(tok, ep_short, vis.tokens_per_image),
-                                 torch.zeros_like(pixels) if blind else pixels, ep_mc.choices)
-        pick = "ABCDEFGH"[max(range(len(scores)), key=scores.__getitem__)]
-        hits.append(float(pick == ep_mc.answer))
-        chance.append(1 / len(ep_mc.choices))
-        by_subset.setdefault(ep_mc.subset, []).append(hits[-1])
+    for lo in tqdm(range(0, n, batch_size), disable=not progress, desc="eval qa (loglik)"):
+        seeds = [EVAL_SEEDS[seed_offset + i] for i in range(lo, min(n, lo + batch_size))]
+        eps = [(mc.episode(seed), short.episode(seed)) for seed in seeds]
+        items = []
+        for ep_mc, ep_short in eps:
+            pixels = eval_pixels(ep_short, vis.image_size)
+            items.append((_prompt_ids(tok, ep_short, vis.tokens_per_image),
+                          torch.zeros_like(pixels) if blind else pixels, ep_mc.choices))
+        for (ep_mc, _), scores in zip(eps, batch_choice_logprobs(model, tok, items), strict=True):
+            pick = "ABCDEFGH"[max(range(len(scores)), key=scores.__getitem__)]
+            hits.append(float(pick == ep_mc.answer))
+            chance.append(1 / len(ep_mc.choices))
+            by_subset.setdefault(ep_mc.subset, []).append(hits[-1])
     return {"family": "qa", "format": "mc-loglik" + ("-blind" if blind else ""), "n": n,
             "accuracy": sum(hits) / n, "chance": sum(chance) / n,
             "by_subset": {k: sum(v) / len(v) for k, v in sorted(by_subset.items())}}

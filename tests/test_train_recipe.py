@@ -28,13 +28,14 @@ def test_tiny_pipeline_tokenizer_pretrain_sft_eval(tmp_path):
          "data": [{"kind": "text", "paths": [str(corpus)]}, {"kind": "scenes", "scene_kind": "caption"}]},
         {"name": "sft", "init_from": "pre", "seq_len": 256, "micro_batch_size": 2, "steps": 2, "warmup_steps": 0,
          "loss_norm": "sample", "data": [{"kind": "scenes", "families": ["qa"], "qa_format": "mc"}]},
-        {"name": "eval", "type": "scene_eval", "model": "sft", "n": 4, "qa_format": "mc"},
+        {"name": "eval", "type": "scene_eval", "model": "sft", "n": 4, "qa_format": "mc", "blind_control": True},
         {"name": "cloze", "type": "scene_eval", "model": "sft", "n": 3, "mode": "loglik"},
     ]}
     res = run_recipe(recipe, out_dir=str(tmp_path / "run"))
     assert res["pre"]["steps"] == 3 and res["pre"]["unigram_entropy"] > 0
     assert res["sft"]["steps"] == 2 and res["sft"]["checkpoint"].endswith("step_000002")
     assert res["eval"]["n"] == 4 and 0 <= res["eval"]["accuracy"] <= 1 and 0.2 < res["eval"]["chance"] <= 0.5
+    assert res["eval"]["blind"]["blind"] and res["eval"]["blind"]["n"] == 4
     assert json.loads((tmp_path / "run" / "recipe_report.json").read_text())["eval"]["n"] == 4
     assert res["cloze"]["n"] == 3 and res["cloze"]["blind"]["format"] == "mc-loglik-blind"
     mtime = (tmp_path / "run" / "pre" / "report.json").stat().st_mtime

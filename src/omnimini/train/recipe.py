@@ -200,9 +200,11 @@ def run_eval_stage(s: dict, out: Path, results: dict) -> dict:
         res = evaluate_scenes_loglik(model, tok, n=int(s.get("n", 200)), progress=True)
         res["blind"] = evaluate_scenes_loglik(model, tok, n=int(s.get("n", 200)), blind=True)
     elif mode == "generate":
-        res = evaluate_scenes(model, tok, family=s.get("family", "qa"), n=int(s.get("n", 200)),
-                              qa_format=s.get("qa_format", "mc"), batch_size=int(s.get("batch_size", 16)),
-                              progress=True)
+        kw = {"family": s.get("family", "qa"), "n": int(s.get("n", 200)), "qa_format": s.get("qa_format", "mc"),
+              "batch_size": int(s.get("batch_size", 16))}
+        res = evaluate_scenes(model, tok, progress=True, **kw)
+        if s.get("blind_control"):  # the same questions with a blank image: what answer priors alone reach
+            res["blind"] = evaluate_scenes(model, tok, blind=True, **kw)
     else:
         raise ConfigError(f"scene_eval mode must be generate|loglik, got {mode!r}")
     out.mkdir(parents=True, exist_ok=True)

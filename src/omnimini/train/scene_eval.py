@@ -15,8 +15,10 @@ def _prompt_ids(tok, ep, tokens_per_image: int) -> list[int]:
 
 @torch.no_grad()
 def evaluate_scenes(model, tok, family: str = "qa", n: int = 200, qa_format: str | None = "mc",
-                    batch_size: int = 16, max_tokens: int = 8, seed_offset: int = 0, progress: bool = False) -> dict:
-    """Accuracy of greedy answers on the first n EVAL_SEEDS episodes, next to chance (1/#options)."""
+                    batch_size: int = 16, max_tokens: int = 8, seed_offset: int = 0, progress: bool = False,
+                    blind: bool = False) -> dict:
+    """Accuracy of greedy answers on the first n EVAL_SEEDS episodes, next to chance (1/#options).
+    blind=True shows a blank (mean-grey) image instead: what the model answers without looking."""
     from omnimini.data.scenes.tasks import EVAL_SEEDS
     from omnimini.engine.generate import GenRequest, generate
     from omnimini.engine.sampling import SamplingParams
@@ -29,8 +31,11 @@ def evaluate_scenes(model, tok, family: str = "qa", n: int = 200, qa_format: str
     results = []
     for i in tqdm(range(0, n, batch_size), disable=not progress, desc=f"eval {family}"):
         chunk = eps[i:i + batch_size]
-        reqs = [GenRequest(_prompt_ids(tok, ep, vis.tokens_per_image), params, eval_pixels(ep, vis.image_size))
-                for ep in chunk]
+        reqs = []
+        for ep in chunk:
+            pixels = eval_pixels(ep, vis.image_size)
+            reqs.append(GenRequest(_prompt_ids(tok, ep, vis.tokens_per_image), params,
+                                   torch.zeros_like(pixels) if blind else pixels))
         outs = generate(model, reqs, tok.eos_token_ids)
         for ep, ids in zip(chunk, outs, strict=True):
             text = tok.decode(ids, skip_special=True)
@@ -42,7 +47,7 @@ def evaluate_scenes(model, tok, family: str = "qa", n: int = 200, qa_format: str
     by_subset: dict[str, list[float]] = {}
     for r in results:
         by_subset.setdefault(r["subset"], []).append(r["score"])
-    return {"family": family, "format": qa_format, "n": len(results), "accuracy": acc, "chance": chance,
+    return {"family": family, "format": qa_format, "blind": blind, "n": len(results), "accuracy": acc, "chance": chance,
             "by_subset": {k: sum(v) / len(v) for k, v in sorted(by_subset.items())},
             "examples": [{k: r[k] for k in ("response", "parsed", "success")} for r in results[:5]]}
 

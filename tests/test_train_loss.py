@@ -19,3 +19,16 @@ def test_weighted_cross_entropy_matches_torch_value_and_gradient():
     assert torch.allclose(got, want, atol=1e-5)
     assert torch.allclose(g_got, g_want, atol=1e-6)
     assert (g_got[2] == 0).all() and (g_got[0, :3] == 0).all()
+
+
+def test_overwriting_the_logits_gives_the_same_loss_and_gradient():
+    torch.manual_seed(1)
+    base = torch.randn(2, 5, 9)
+    labels = torch.randint(0, 9, (2, 5))
+    a = base.clone().requires_grad_()
+    b = base.clone().requires_grad_()
+    la = weighted_cross_entropy(a * 1.0, labels, torch.tensor(0.1))
+    lb = weighted_cross_entropy(b * 1.0, labels, torch.tensor(0.1), overwrite_logits=True)
+    (ga,) = torch.autograd.grad(la, a)
+    (gb,) = torch.autograd.grad(lb, b)
+    assert torch.allclose(la, lb) and torch.allclose(ga, gb)

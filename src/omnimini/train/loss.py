@@ -15,13 +15,16 @@ class _WeightedCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, labels, weights, ignore_index: int):
+    def forward(ctx, logits, labels, weights, ignore_index: int, overwrite: bool):
         w = weights.to(logits.dtype) * (labels != ignore_index)
         safe = labels.clamp_min(0)[:, None]
+        picked = logits.gather(-1, safe)
         m = logits.amax(-1, keepdim=True)
-        p = (logits - m).exp_()
+        # overwrite: the caller has no further use for the logits, so exp(logits - max) takes their memory (no
+        # new [N, V] buffer). Anything that saved them for its backward would fail loudly (version counter).
+        p = logits.sub_(m).exp_() if overwrite else (logits - m).exp_()
         s = p.sum(-1, keepdim=True)
-        nll = s.log() + m - logits.gather(-1, safe)
+        nll = s.log() + m - picked
         ctx.save_for_backward(p, s, safe, w)
         return (nll.squeeze(-1) * w).sum()
 
@@ -31,11 +34,15 @@ class _WeightedCE(torch.autograd.Function):
         gw = (grad * w)[:, None]
         d = p.mul_(gw / s)  # p is used once: reuse its memory for the gradient
         d.scatter_add_(-1, safe, -gw)
-        return d, None, None, None
+        return d, None, None, None, None
 
 
 def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
-                           ignore_index: int = -100) -> torch.Tensor:
-    """logits [..., V], labels [...], weights broadcastable to labels -> sum of weight x token cross entropy."""
+                           ignore_index: int = -100, overwrite_logits: bool = False) -> torch.Tensor:
+    """logits [..., V], labels [...], weights broadcastable to labels -> sum of weight x token cross entropy.
+
+    overwrite_logits=True reuses the logits' memory (they are garbage afterwards): for a training step that
+    only needs the loss."""
     w = torch.broadcast_to(weights, labels.shape).reshape(-1)
-    return _WeightedCE.apply(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), w, ignore_index)
+    return _WeightedCE.apply(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), w, ignore_index,
+                             overwrite_logits)

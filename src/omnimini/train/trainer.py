@@ -131,7 +131,8 @@ class ModelStep:
             mb = _to(mb, dev)
             with autocast_ctx(cfg, dev):
                 out = self.forward(mb["input_ids"], positions=mb["positions"], pixels=mb["pixels"])
-            lm = weighted_cross_entropy(out.logits.float(), mb["labels"], mb["weights"][:, None], IGNORE)
+            lm = weighted_cross_entropy(out.logits.float(), mb["labels"], mb["weights"][:, None], IGNORE,
+                                        overwrite_logits=True)
             # x world: FSDP averages gradients over ranks, we want the sum over the global batch
             loss = lm * self.info.world
             if out.aux_loss is not None:

@@ -128,7 +128,8 @@ def cmd_chat(args) -> int:
     from omnimini.runtime import local_stream_fn
 
     model, tok = _load(args)
-    return run_chat(stream_fn=local_stream_fn(model, tok, temperature=args.temperature), system=args.system) or 0
+    stream = local_stream_fn(model, tok, temperature=args.temperature, compile_decode=args.compile_decode)
+    return run_chat(stream_fn=stream, system=args.system) or 0
 
 
 # ---- parser ------------------------------------------------------------------------------------------------------
@@ -178,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--quantize", choices=["none", "fp16", "int8", "int4"], default="fp16")
+    p.add_argument("--compile", action="store_true", dest="compile_decode",
+                   help="compile the decode step (faster tokens; 1-3 min the first time, then cached)")
     p.set_defaults(fn=cmd_chat)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")

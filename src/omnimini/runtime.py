@@ -20,12 +20,12 @@ def load_for_inference(spec: str | None, quantize: str = "none", device: str = "
     return model, tok
 
 
-def local_stream_fn(model, tok, temperature: float = 0.7, max_tokens: int = 512):
+def local_stream_fn(model, tok, temperature: float = 0.7, max_tokens: int = 512, compile_decode: bool = False):
     """A `messages -> iterator of text pieces` function over the in-process engine (terminal chat)."""
     from omnimini.engine.sampling import SamplingParams
     from omnimini.engine.scheduler import Engine, EngineRequest
 
-    engine = Engine(model, tok, max_batch=1)
+    engine = Engine(model, tok, max_batch=1, compile_decode=compile_decode)
 
     def stream(messages: list[dict]) -> Iterator[str]:
         ids, pixels = encode_messages(model, tok, messages)

@@ -76,7 +76,8 @@ class _CountRequests:
 def build_app(config: ServeConfig, registry: ModelRegistry | None = None) -> FastAPI:
     registry = registry or load_registry(
         config.models, config.aliases, config.quantize, max_batch=config.max_batch,
-        max_context=config.max_context, kv_budget_tokens=config.kv_budget_tokens, prefill_chunk=config.prefill_chunk)
+        max_context=config.max_context, kv_budget_tokens=config.kv_budget_tokens, prefill_chunk=config.prefill_chunk,
+        compile_decode=config.compile_decode)
     limiter = ConcurrencyLimiter(config.limits.max_concurrent, config.limits.retry_after_s)
     metrics = Metrics(registry)
 

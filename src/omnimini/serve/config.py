@@ -24,6 +24,7 @@ class ServeConfig:
     max_context: int | None = 2048  # per-sequence KV rows (allocated up front for every slot); capped by the model
     kv_budget_tokens: int | None = None
     prefill_chunk: int = 256
+    compile_decode: bool = False  # torch.compile the decode step (1-3 min at first start, cached on disk)
     limits: ServeLimits = field(default_factory=ServeLimits)
     cors_origins: list[str] = field(default_factory=list)
     allow_remote_images: bool = False
@@ -59,6 +60,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", type=int, default=d.max_context, help="max tokens per sequence (KV rows)")
     p.add_argument("--kv-budget-tokens", type=int, default=None, help="KV tokens reserved at once (queue beyond)")
     p.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk)
+    p.add_argument("--compile", action="store_true", dest="compile_decode",
+                   help="compile the decode step with torch.compile (dense models; ~1.5x decode tokens/s; the "
+                        "first start compiles for 1-3 min, later starts reuse Inductor's on-disk cache)")
     p.add_argument("--max-concurrent", type=int, default=lim.max_concurrent, help="in-flight requests before 429")
     p.add_argument("--max-tokens-limit", type=int, default=lim.max_tokens, help="largest max_tokens accepted")
     p.add_argument("--max-body-bytes", type=int, default=lim.max_body_bytes)
@@ -79,5 +83,6 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(models=args.models or [None], aliases=aliases, host=args.host, port=args.port,
                        api_keys=args.api_keys, quantize=args.quantize, max_batch=args.max_batch,
                        max_context=args.max_context, kv_budget_tokens=args.kv_budget_tokens,
-                       prefill_chunk=args.prefill_chunk, limits=lim, cors_origins=args.cors_origins,
-                       allow_remote_images=args.allow_remote_images, log_level=args.log_level)
+                       prefill_chunk=args.prefill_chunk, compile_decode=args.compile_decode, limits=lim,
+                       cors_origins=args.cors_origins, allow_remote_images=args.allow_remote_images,
+                       log_level=args.log_level)

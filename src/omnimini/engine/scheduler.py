@@ -185,6 +185,7 @@ class Engine:
         self.cache = model.new_cache(max_batch, self.max_context)
         self.compile_decode = compile_decode
         self._fast = None  # compiled decode step (fast_decode.FastDecoder), built in the engine thread
+        self.ready = threading.Event()  # set once the engine thread serves (after compiling, if asked to)
         self.stats = EngineStats()
         self._free_slots = list(range(max_batch))
         self._reserved = 0
@@ -326,6 +327,7 @@ class Engine:
             torch.set_num_threads(self.threads)
         if self.compile_decode:
             self._build_fast_decoder()
+        self.ready.set()
         while True:
             with self._cv:
                 while not self._has_work() and not self._closing:

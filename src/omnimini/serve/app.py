@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from omnimini.engine.scheduler import EngineError, EngineEvent, EngineRequest
@@ -111,6 +111,10 @@ def build_app(config: ServeConfig, registry: ModelRegistry | None = None) -> Fas
 
     @app.get("/health")
     async def health():
+        # 503 while an engine still compiles its decode step (--compile): requests would queue until it is done
+        starting = [m for m, s in registry.models.items() if not s.engine.ready.is_set()]
+        if starting:
+            return JSONResponse({"status": "starting", "models": list(registry.models), "starting": starting}, 503)
         return {"status": "ok", "models": list(registry.models)}
 
     @app.get("/metrics")

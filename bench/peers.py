@@ -141,20 +141,25 @@ def main():
     from pathlib import Path
 
     from omnimini.engine.quant import quantize_model
+    from omnimini.engine.smooth import CALIBRATION_TEXT
     from omnimini.weights.default import default_gguf
     from omnimini.weights.gguf_loader import load_gguf
 
     path = Path(args.gguf) if args.gguf else default_gguf()
-    model, _ = load_gguf(path)
+    model, tok = load_gguf(path)
+    calib = tok.encode(CALIBRATION_TEXT)  # int8 as the engine runs it: smoothed on calibration text first
     vocab = model.config.vocab_size
     rows = {}
+    def quantized(mode):
+        return quantize_model(copy.deepcopy(model), mode, calib)
+
     steps = [("omnimini fp32", lambda: bench_omni(model, vocab)),
-             ("omnimini fp16", lambda: bench_omni(quantize_model(copy.deepcopy(model), "fp16"), vocab)),
-             ("omnimini int8", lambda: bench_omni(quantize_model(copy.deepcopy(model), "int8"), vocab)),
+             ("omnimini fp16", lambda: bench_omni(quantized("fp16"), vocab)),
+             ("omnimini int8", lambda: bench_omni(quantized("int8"), vocab)),
              ("llama.cpp", lambda: bench_llama_cpp(path, args.threads, vocab))]
     if not args.no_compile:
-        steps[3:3] = [(f"omnimini {q} compiled", lambda q=q: bench_omni(quantize_model(copy.deepcopy(model), q), vocab,
-                                                                           compiled=True)) for q in ("fp16", "int8")]
+        steps[3:3] = [(f"omnimini {q} compiled", lambda q=q: bench_omni(quantized(q), vocab, compiled=True))
+                      for q in ("fp16", "int8")]
     if not args.skip_transformers:
         steps.append(("transformers fp32", lambda: bench_transformers(path, vocab)))
     for name, fn in tqdm(steps, desc="benchmarks"):

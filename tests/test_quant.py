@@ -69,6 +69,33 @@ def test_quantized_generation_runs_with_cache(mode):
     assert [len(o) for o in out] == [5, 3]
 
 
+def _outlier_model():
+    """A dense model whose norms have a few huge channels, like real LLMs' activation outliers."""
+    model = _model(False)
+    with torch.no_grad():
+        for blk in model.blocks:
+            for norm in (blk.input_norm, blk.post_norm):
+                norm.weight[[3, 17, 40]] = 40.0
+    return model
+
+
+def test_smoothing_keeps_float_outputs_and_cuts_int8_error():
+    import copy
+
+    from omnimini.engine.smooth import smooth_model
+
+    model = _outlier_model()
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))
+    calib = torch.randint(0, 256, (64,), generator=torch.Generator().manual_seed(4)).tolist()
+    with torch.no_grad():
+        want = model(ids).logits
+        smoothed = smooth_model(copy.deepcopy(model), calib)
+        torch.testing.assert_close(smoothed(ids).logits, want, atol=1e-4, rtol=1e-4)  # exact re-parametrisation
+        err_plain = (quantize_model(copy.deepcopy(model), "int8")(ids).logits - want).norm()
+        err_smooth = (quantize_model(copy.deepcopy(model), "int8", calib_ids=calib)(ids).logits - want).norm()
+    assert err_smooth < 0.7 * err_plain, (err_smooth, err_plain)
+
+
 def test_bad_modes():
     with pytest.raises(QuantizeError, match="unknown quantization mode 'int3'"):
         quantize_model(_model(False), "int3")
@@ -119,11 +146,14 @@ def test_smollm2_perplexity_wikitext2(smollm2, shared_data, capsys):
     model, tok = smollm2
     ids = tok.encode(path.read_text(encoding="utf-8")[:20000])
     ppl = {"fp32": perplexity(model, ids, window=512, max_tokens=2048)}
+    from omnimini.engine.smooth import CALIBRATION_TEXT
+
+    calib = tok.encode(CALIBRATION_TEXT)  # as load_for_inference quantizes
     for mode in ("fp16", "int8"):
-        ppl[mode] = perplexity(quantize_model(copy.deepcopy(model), mode), ids, window=512, max_tokens=2048)
+        ppl[mode] = perplexity(quantize_model(copy.deepcopy(model), mode, calib), ids, window=512, max_tokens=2048)
     with capsys.disabled():
         print("\nWikiText-2 test (first 2048 tokens): " + "  ".join(
             f"{k} {v:.3f} ({100 * (v / ppl['fp32'] - 1):+.2f}%)" for k, v in ppl.items()))
     assert ppl["fp32"] < 100
     assert abs(ppl["fp16"] / ppl["fp32"] - 1) < 0.002
-    assert abs(ppl["int8"] / ppl["fp32"] - 1) < 0.15
+    assert abs(ppl["int8"] / ppl["fp32"] - 1) < 0.08  # +8.9% before smoothing, +5.7% with it (1024 tokens)

@@ -15,8 +15,9 @@ def load_for_inference(spec: str | None, quantize: str = "none", device: str = "
     model.eval()
     if quantize and quantize != "none":
         from omnimini.engine.quant import quantize_model
+        from omnimini.engine.smooth import CALIBRATION_TEXT
 
-        model = quantize_model(model, quantize)
+        model = quantize_model(model, quantize, calib_ids=tok.encode(CALIBRATION_TEXT))
     return model, tok
 
 

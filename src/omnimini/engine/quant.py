@@ -153,8 +153,9 @@ def _quantize_moe(moe: MoE, linear) -> None:
 
 
 @torch.no_grad()
-def quantize_model(model, mode: str = "int8"):
-    """Quantize `model` in place for CPU inference; returns it. mode: int8 | fp16 | none (int4: see module doc)."""
+def quantize_model(model, mode: str = "int8", calib_ids: list[int] | None = None):
+    """Quantize `model` in place for CPU inference; returns it. mode: int8 | fp16 | none (int4: see module doc).
+    int8 with `calib_ids` (tokens of ordinary text) first moves activation outliers into the weights (smooth.py)."""
     if mode not in MODES:
         raise QuantizeError(f"unknown quantization mode {mode!r} (choose one of: {', '.join(MODES)})")
     if mode == "none":
@@ -168,6 +169,10 @@ def quantize_model(model, mode: str = "int8"):
     if model.training:
         raise QuantizeError("quantize_model is for inference; call model.eval() first")
     linear = LINEARS[mode]
+    if mode == "int8" and calib_ids:
+        from omnimini.engine.smooth import smooth_model
+
+        smooth_model(model, calib_ids)
     for blk in model.blocks:
         _quantize_attention(blk.attn, linear)
         if isinstance(blk.mlp, MoE):

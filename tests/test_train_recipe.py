@@ -59,13 +59,20 @@ def test_recipe_files_parse():
 @pytest.mark.slow
 def test_nano_ci_recipe_learns(shared_data, tmp_path):
     """The CI-sized run (a few minutes on 2 cores): pre-training loss falls well below the unigram entropy and
-    scene QA (multiple choice, held-out EVAL_SEEDS) scores clearly above chance after instruction tuning."""
+    scene QA (multiple choice, held-out EVAL_SEEDS) scores clearly above chance after instruction tuning.
+    The goal is also a clear margin over the blank-image control (the model looks at the image); at this budget
+    it is not reached yet (recipes/README.md), so that check is an expected failure until it is."""
     res = run_recipe("nano-ci", out_dir=str(tmp_path / "nano-ci"), data_dir=str(shared_data),
                      overrides=["progress=false"])
-    pre, qa = res["pretrain"], res["eval_qa"]
-    print(json.dumps({"pretrain": pre, "eval_qa": qa, "eval_qa_generate": res["eval_qa_generate"]}))
+    pre, qa, gen = res["pretrain"], res["eval_qa"], res["eval_qa_generate"]
+    print(json.dumps({"pretrain": pre, "eval_qa": qa, "eval_qa_generate": gen}))
     assert pre["final_loss"] < pre["unigram_entropy"] - 1.0
     assert qa["n"] == 200 and qa["accuracy"] > qa["chance"] + 0.1
+    assert qa["blind"]["n"] == 200 and gen["blind"]["n"] == 200  # both controls ran
+    gap = qa["accuracy"] - qa["blind"]["accuracy"]
+    if gap < 0.15:
+        pytest.xfail(f"no visual grounding at CI size: {qa['accuracy']:.3f} with the image, "
+                     f"{qa['blind']['accuracy']:.3f} with a blank one")
 
 
 def test_choice_logprobs_match_separate_scoring(tmp_path):

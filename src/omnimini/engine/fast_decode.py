@@ -156,5 +156,6 @@ class FastDecoder:
         """Compile both graphs (batch 1 and batch > 1) now. Writes only cache position 0 of the slots it uses,
         which a sequence's prefill overwrites before any query can attend to it."""
         for b in sorted({1, min(2, max_batch)}):
-            z = torch.zeros(b, dtype=torch.long)
-            self(z, z, torch.arange(b))
+            # distinct tensors: Dynamo guards on aliasing, so one tensor passed twice would compile a graph that
+            # real calls never match
+            self(torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.long), torch.arange(b))

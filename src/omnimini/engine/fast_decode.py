@@ -19,7 +19,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from omnimini.engine.quant import fp16_matmul, int8_matmul
+from omnimini.engine.quant import PackedLinear
 from omnimini.model.layers import KVCache
 
 KV_BUCKET = 256
@@ -30,26 +30,27 @@ _PACKED: list = []
 _PACKED_LOCK = threading.Lock()
 
 
-def register_packed(packed) -> int:
+def register_packed(linear: PackedLinear) -> int:
     with _PACKED_LOCK:
-        _PACKED.append(packed)
+        _PACKED.append(linear)
         return len(_PACKED) - 1
 
 
 _LIB = torch.library.Library("omnimini", "DEF")
-_LIB.define("packed_linear(Tensor x, int handle, int out_features, bool fp16) -> Tensor")
+_LIB.define("packed_linear(Tensor x, int handle, int out_features) -> Tensor")
 
 
-def _packed_linear(x: torch.Tensor, handle: int, out_features: int, fp16: bool) -> torch.Tensor:
+def _packed_linear(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
     # the low-level registration costs ~1 us a call; torch.library.custom_op's wrapper costs ~25 us
-    return (fp16_matmul if fp16 else int8_matmul)(x, _PACKED[handle])
+    linear = _PACKED[handle]
+    return linear.matmul(x, linear._packed)
 
 
 _LIB.impl("packed_linear", _packed_linear, "CPU")
 
 
 @torch.library.register_fake("omnimini::packed_linear")
-def _(x, handle, out_features, fp16):
+def _(x, handle, out_features):
     return x.new_empty(x.shape[0], out_features)
 
 
@@ -67,10 +68,9 @@ def supports(model) -> str | None:
 
 def _linear(mod, x: torch.Tensor) -> torch.Tensor:
     """x [N, in] through an nn.Linear or one of quant.py's packed linears."""
-    packed = getattr(mod, "_packed", None)
-    if packed is None:
+    if not isinstance(mod, PackedLinear):
         return F.linear(x, mod.weight, mod.bias)
-    y = torch.ops.omnimini.packed_linear(x, mod.graph_handle, mod.out_features, mod.graph_fp16)
+    y = torch.ops.omnimini.packed_linear(x, mod.graph_handle, mod.out_features)
     return y if mod.bias is None else y + mod.bias
 
 
@@ -131,9 +131,8 @@ class FastDecoder:
         if reason:
             raise ValueError(f"fast decode unavailable: {reason}")
         for mod in model.modules():  # give packed linears their registry handle once
-            if hasattr(mod, "_packed") and not hasattr(mod, "graph_handle"):
-                mod.graph_handle = register_packed(mod._packed)
-                mod.graph_fp16 = type(mod).__name__ == "Fp16Linear"
+            if isinstance(mod, PackedLinear) and not hasattr(mod, "graph_handle"):
+                mod.graph_handle = register_packed(mod)
         self.model, self.cache = model, cache
         # Dynamo guards on the model object: every decoder (one per served model, or per test) adds two graphs
         # (batch 1 and batch > 1) to the one cache that decode_step's code object has

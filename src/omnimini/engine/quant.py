@@ -51,53 +51,59 @@ def fp16_matmul(x2: torch.Tensor, packed) -> torch.Tensor:
     return torch.ops.quantized.linear_dynamic_fp16(x2, packed)
 
 
-class Int8Linear(nn.Module):
-    """y = x W^T (+ b) with W stored int8 (per-row scales) in fbgemm's prepacked layout.
+class PackedLinear(nn.Module):
+    """y = x W^T (+ b) with W prepacked for one of fbgemm's CPU GEMMs; subclasses pick the format."""
 
-    fbgemm quantizes the activations per call (per tensor); rows are first scaled to a common range so that
-    one token with large activations does not wipe out the precision of the others (per-token quantization).
-    """
+    kind = ""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self._packed = _packed_int8(weight, None)
+        self._packed = self.pack(weight)
         self.bias = None if bias is None else bias.detach().float().clone()
+
+    @staticmethod
+    def pack(weight: torch.Tensor):
+        raise NotImplementedError
+
+    @staticmethod
+    def matmul(x2: torch.Tensor, packed) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = int8_matmul(x.reshape(-1, shape[-1]).float(), self._packed)
+        y = self.matmul(x.reshape(-1, shape[-1]).float(), self._packed)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind}"
 
     @classmethod
     def from_linear(cls, lin: nn.Linear):
         return cls(lin.weight, lin.bias)
 
 
-class Fp16Linear(Int8Linear):
+class Int8Linear(PackedLinear):
+    """W stored int8 (per-row scales) in fbgemm's prepacked layout.
+
+    fbgemm quantizes the activations per call (per tensor); rows are first scaled to a common range so that
+    one token with large activations does not wipe out the precision of the others (per-token quantization).
+    """
+
+    kind = "int8 per-channel"
+    pack = staticmethod(lambda weight: _packed_int8(weight, None))
+    matmul = staticmethod(int8_matmul)
+
+
+class Fp16Linear(PackedLinear):
     """fbgemm's packed float16-weight GEMM (float32 activations and accumulation): half the bytes of float32,
     numerically ~2e-4 relative error, so greedy outputs do not move."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        nn.Module.__init__(self)
-        self.out_features, self.in_features = weight.shape
-        self._packed = torch.ops.quantized.linear_prepack_fp16(weight.detach().float().contiguous(), None)
-        self.bias = None if bias is None else bias.detach().float().clone()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = fp16_matmul(x.reshape(-1, shape[-1]).float(), self._packed)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*shape[:-1], self.out_features).to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, fp16 weights"
+    kind = "fp16 weights"
+    pack = staticmethod(lambda weight: torch.ops.quantized.linear_prepack_fp16(weight.detach().float().contiguous()))
+    matmul = staticmethod(fp16_matmul)
 
 
 class QuantSwiGLU(nn.Module):

@@ -75,11 +75,10 @@ def test_nano_ci_recipe_learns(shared_data, tmp_path):
                      f"{qa['blind']['accuracy']:.3f} with a blank one")
 
 
-def test_choice_logprobs_match_separate_scoring(tmp_path):
-    """Batched, right-padded option scoring equals scoring each option on its own."""
+def _tiny_vision_model(tmp_path):
+    """(tokenizer, config, model): a random tiny omni model with a 32 px vision encoder."""
     from omnimini.config import ModelConfig
     from omnimini.model.model import OmniModel
-    from omnimini.train.scene_eval import choice_logprobs
     from omnimini.train.tiny import tiny_tokenizer
 
     tok = tiny_tokenizer(write_corpus(tmp_path / "c.txt"), tmp_path / "tok")
@@ -87,7 +86,14 @@ def test_choice_logprobs_match_separate_scoring(tmp_path):
                                                           "num_layers": 1, "num_heads": 2, "intermediate_size": 64,
                                                           "pixel_shuffle": 2}, "image_token_id": tok.image_token_id})
     torch.manual_seed(0)
-    model = OmniModel(cfg).eval()
+    return tok, cfg, OmniModel(cfg).eval()
+
+
+def test_choice_logprobs_match_separate_scoring(tmp_path):
+    """Batched, right-padded option scoring equals scoring each option on its own."""
+    from omnimini.train.scene_eval import choice_logprobs
+
+    tok, cfg, model = _tiny_vision_model(tmp_path)
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "The cat sat?"}]}]
     prompt = tok.encode_chat(msgs, image_tokens=cfg.vision.tokens_per_image)
     pixels = torch.randn(1, 3, 32, 32)
@@ -103,17 +109,9 @@ def test_choice_logprobs_match_separate_scoring(tmp_path):
 
 def test_batched_choice_logprobs_match_one_item_at_a_time(tmp_path):
     """Scoring several questions' options in one padded forward (images encoded once) equals scoring each alone."""
-    from omnimini.config import ModelConfig
-    from omnimini.model.model import OmniModel
     from omnimini.train.scene_eval import batch_choice_logprobs, choice_logprobs
-    from omnimini.train.tiny import tiny_tokenizer
 
-    tok = tiny_tokenizer(write_corpus(tmp_path / "c.txt"), tmp_path / "tok")
-    cfg = ModelConfig.from_dict({**TINY_MODEL, "vision": {"image_size": 32, "patch_size": 8, "hidden_size": 32,
-                                                          "num_layers": 1, "num_heads": 2, "intermediate_size": 64,
-                                                          "pixel_shuffle": 2}, "image_token_id": tok.image_token_id})
-    torch.manual_seed(0)
-    model = OmniModel(cfg).eval()
+    tok, cfg, model = _tiny_vision_model(tmp_path)
     items = []
     for text, choices in (("The cat sat?", ["the mat", "a log"]), ("Where did the dog run to today?",
                                                                      ["home", "the big park", "five", "away"])):

@@ -104,17 +104,26 @@ def _attention(attn, x, cos, sin, mask, kc, vc, slots, positions, kv_len: int):
     kc[slots, :, positions] = k[:, :, 0]
     vc[slots, :, positions] = v[:, :, 0]
     keys, vals = kc[slots, :, :kv_len], vc[slots, :, :kv_len]
-    out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, enable_gqa=h != kvh)
+    if B > 1:
+        out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, enable_gqa=h != kvh)
+    else:
+        # one query: written as reductions Inductor fuses with the cache reads (SDPA would first copy the keys
+        # and values out of the cache, and its kernel's set-up costs more than this arithmetic); slower at B > 1
+        qg = q.view(B, kvh, h // kvh, 1, d)
+        scores = ((qg * keys[:, :, None]).sum(-1) * d ** -0.5).masked_fill(~mask, float("-inf"))  # [B, kvh, g, T]
+        out = (scores.softmax(-1)[..., None] * vals[:, :, None]).sum(-2)  # [B, kvh, g, d]
     return _linear(attn.o_proj, out.reshape(B, h * d))
 
 
 def decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                ks: list[torch.Tensor], vs: list[torch.Tensor], kv_len: int) -> torch.Tensor:
-    """tokens/positions/slots [B] -> logits [B, V]; writes each layer's new key/value into ks/vs (in place)."""
+                ks: list[torch.Tensor], vs: list[torch.Tensor], kv_len: int,
+                cos_table: torch.Tensor, sin_table: torch.Tensor) -> torch.Tensor:
+    """tokens/positions/slots [B] -> logits [B, V]; writes each layer's new key/value into ks/vs (in place).
+    cos_table/sin_table [max_len, D]: the rotary angles of every cache position (see FastDecoder)."""
     x = model.embed(tokens)
-    freqs = positions.float()[:, None] * model.rotary.inv_freq
-    emb = torch.cat([freqs, freqs], dim=-1)[:, None, None]  # [B, 1, 1, D]: broadcast over heads
-    cos, sin = emb.cos(), emb.sin()
+    # looked up, not computed: Inductor inlines a computed cos/sin into every layer's kernel (and every head),
+    # and the trigonometry then cost more than the rest of the pointwise work together
+    cos, sin = cos_table[positions][:, None, None], sin_table[positions][:, None, None]  # [B, 1, 1, D]
     mask = (torch.arange(kv_len, device=tokens.device)[None, :] <= positions[:, None])[:, None, None]
     for i, blk in enumerate(model.blocks):
         x = x + _attention(blk.attn, blk.input_norm(x), cos, sin, mask, ks[i], vs[i], slots, positions, kv_len)
@@ -134,6 +143,9 @@ class FastDecoder:
             if isinstance(mod, PackedLinear) and not hasattr(mod, "graph_handle"):
                 mod.graph_handle = register_packed(mod)
         self.model, self.cache = model, cache
+        with torch.no_grad():  # the eager model's own rotary, so the angles match it bit for bit
+            cos, sin = model.rotary(torch.arange(cache.max_len)[None])
+        self.cos, self.sin = cos[0, 0].contiguous(), sin[0, 0].contiguous()
         # Dynamo guards on the model object: every decoder (one per served model, or per test) adds two graphs
         # (batch 1 and batch > 1) to the one cache that decode_step's code object has
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -149,7 +161,8 @@ class FastDecoder:
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """tokens/positions/slots [B] -> logits [B, V] (float32); the new keys/values land in the cache."""
         tokens, positions, slots = tokens.contiguous(), positions.contiguous(), slots.contiguous()
-        return self._fn(self.model, tokens, positions, slots, self.cache.k, self.cache.v, self.kv_len(positions))
+        return self._fn(self.model, tokens, positions, slots, self.cache.k, self.cache.v, self.kv_len(positions),
+                        self.cos, self.sin)
 
     def warm_up(self, max_batch: int) -> None:
         """Compile both graphs (batch 1 and batch > 1) now. Writes only cache position 0 of the slots it uses,

@@ -38,6 +38,7 @@ def test_tiny_pipeline_tokenizer_pretrain_sft_eval(tmp_path):
     assert res["eval"]["blind"]["blind"] and res["eval"]["blind"]["n"] == 4
     assert json.loads((tmp_path / "run" / "recipe_report.json").read_text())["eval"]["n"] == 4
     assert res["cloze"]["n"] == 3 and res["cloze"]["blind"]["format"] == "mc-loglik-blind"
+    assert res["cloze"]["mismatched"]["format"] == "mc-loglik-mismatched"
     mtime = (tmp_path / "run" / "pre" / "report.json").stat().st_mtime
     run_recipe(recipe, out_dir=str(tmp_path / "run"))  # finished stages are skipped
     assert (tmp_path / "run" / "pre" / "report.json").stat().st_mtime == mtime
@@ -69,10 +70,11 @@ def test_nano_ci_recipe_learns(shared_data, tmp_path):
     assert pre["final_loss"] < pre["unigram_entropy"] - 1.0
     assert qa["n"] == 200 and qa["accuracy"] > qa["chance"] + 0.1
     assert qa["blind"]["n"] == 200 and gen["blind"]["n"] == 200  # both controls ran
-    gap = qa["accuracy"] - qa["blind"]["accuracy"]
+    gap = qa["accuracy"] - max(qa["blind"]["accuracy"], qa["mismatched"]["accuracy"])
     if gap < 0.15:
         pytest.xfail(f"no visual grounding at CI size: {qa['accuracy']:.3f} with the image, "
-                     f"{qa['blind']['accuracy']:.3f} with a blank one")
+                     f"{qa['blind']['accuracy']:.3f} with a blank one, {qa['mismatched']['accuracy']:.3f} with "
+                     "another scene's")
 
 
 def _tiny_vision_model(tmp_path):
@@ -121,6 +123,42 @@ def test_batched_choice_logprobs_match_one_item_at_a_time(tmp_path):
     batched = batch_choice_logprobs(model, tok, items)
     for (prompt, pixels, choices), got in zip(items, batched, strict=True):
         assert got == pytest.approx(choice_logprobs(model, tok, prompt, pixels, choices), abs=1e-4)
+
+
+def test_cloze_controls_show_blank_or_another_scenes_image(tmp_path, monkeypatch):
+    """The controls keep each question and options and change only the image: blank, or the next scene's
+    (every question gets a wrong image, every image is still shown once)."""
+    from omnimini.data.scene_samples import eval_pixels
+    from omnimini.data.scenes.qa import QAFamily
+    from omnimini.data.scenes.tasks import EVAL_SEEDS
+    from omnimini.train import scene_eval
+
+    tok, cfg, model = _tiny_vision_model(tmp_path)
+    seen = {}
+
+    def record(model, tok, items):
+        seen.setdefault("items", []).extend(items)
+        return [[0.0] * len(choices) for _, _, choices in items]
+
+    monkeypatch.setattr(scene_eval, "batch_choice_logprobs", record)
+    short = QAFamily(cfg.vision.image_size, "short")
+    real = [eval_pixels(short.episode(EVAL_SEEDS[i]), cfg.vision.image_size) for i in range(5)]
+    runs = {}
+    for control in ("none", "blind", "mismatched"):
+        seen.clear()
+        res = scene_eval.evaluate_scenes_loglik(model, tok, n=5, batch_size=2, blind=control == "blind",
+                                                mismatched=control == "mismatched")
+        runs[control] = seen["items"]
+        assert res["n"] == 5
+    assert res["format"] == "mc-loglik-mismatched"
+    for i in range(5):
+        prompt, px, choices = runs["none"][i]
+        assert torch.equal(px, real[i])
+        assert runs["blind"][i][0] == prompt and runs["blind"][i][2] == choices and not runs["blind"][i][1].any()
+        assert runs["mismatched"][i][0] == prompt and runs["mismatched"][i][2] == choices
+        assert torch.equal(runs["mismatched"][i][1], real[(i + 1) % 5]) and not torch.equal(real[i], real[(i + 1) % 5])
+    with pytest.raises(ValueError, match="n >= 2"):
+        scene_eval.evaluate_scenes_loglik(model, tok, n=1, mismatched=True)
 
 
 def test_image_tokens_cannot_collapse_to_a_shared_vector():

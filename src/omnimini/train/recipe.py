@@ -199,6 +199,7 @@ def run_eval_stage(s: dict, out: Path, results: dict) -> dict:
     if mode == "loglik":
         res = evaluate_scenes_loglik(model, tok, n=int(s.get("n", 200)), progress=True)
         res["blind"] = evaluate_scenes_loglik(model, tok, n=int(s.get("n", 200)), blind=True)
+        res["mismatched"] = evaluate_scenes_loglik(model, tok, n=int(s.get("n", 200)), mismatched=True)
     elif mode == "generate":
         kw = {"family": s.get("family", "qa"), "n": int(s.get("n", 200)), "qa_format": s.get("qa_format", "mc"),
               "batch_size": int(s.get("batch_size", 16))}

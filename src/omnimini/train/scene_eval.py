@@ -94,24 +94,33 @@ def batch_choice_logprobs(model, tok, items: list[tuple[list[int], torch.Tensor,
 
 @torch.no_grad()
 def evaluate_scenes_loglik(model, tok, n: int = 200, seed_offset: int = 0, progress: bool = False,
-                           blind: bool = False, batch_size: int = 8) -> dict:
+                           blind: bool = False, batch_size: int = 8, mismatched: bool = False) -> dict:
     """Multiple-choice scene QA in the cloze formulation (as lm-eval scores ARC/HellaSwag): the open question
     (same seed, so the same scene and question as the multiple-choice episode) is asked, and the option whose
-    text the model finds most likely as its answer is its pick. Chance is 1/#options. blind=True shows the model
-    a blank (mean-grey) image: the accuracy that answer priors alone reach, the control for visual grounding."""
+    text the model finds most likely as its answer is its pick. Chance is 1/#options.
+
+    Controls for visual grounding: blind=True shows a blank (mean-grey) image, the accuracy answer priors alone
+    reach; mismatched=True shows each question the image of the next evaluated scene (the same images, wrongly
+    paired). A model that reads the image loses accuracy under both; the mismatched control is the stricter one,
+    since a blank image is out of distribution and can lower the score of a model that never reads the scene."""
     from omnimini.data.scenes.qa import QAFamily
     from omnimini.data.scenes.tasks import EVAL_SEEDS
 
+    if blind and mismatched:
+        raise ValueError("choose one control: blind or mismatched")
+    if mismatched and n < 2:
+        raise ValueError("the mismatched-image control needs n >= 2 scenes")
     vis = model.config.vision
     mc, short = QAFamily(vis.image_size, "mc"), QAFamily(vis.image_size, "short")
     model.eval()
     hits, chance, by_subset = [], [], {}
     for lo in tqdm(range(0, n, batch_size), disable=not progress, desc="eval qa (loglik)"):
-        seeds = [EVAL_SEEDS[seed_offset + i] for i in range(lo, min(n, lo + batch_size))]
-        eps = [(mc.episode(seed), short.episode(seed)) for seed in seeds]
+        idx = range(lo, min(n, lo + batch_size))
+        eps = [(mc.episode(EVAL_SEEDS[seed_offset + i]), short.episode(EVAL_SEEDS[seed_offset + i])) for i in idx]
         items = []
-        for ep_mc, ep_short in eps:
-            pixels = eval_pixels(ep_short, vis.image_size)
+        for i, (ep_mc, ep_short) in zip(idx, eps, strict=True):
+            shown = short.episode(EVAL_SEEDS[seed_offset + (i + 1) % n]) if mismatched else ep_short
+            pixels = eval_pixels(shown, vis.image_size)
             items.append((_prompt_ids(tok, ep_short, vis.tokens_per_image),
                           torch.zeros_like(pixels) if blind else pixels, ep_mc.choices))
         for (ep_mc, _), scores in zip(eps, batch_choice_logprobs(model, tok, items), strict=True):
@@ -119,6 +128,7 @@ def evaluate_scenes_loglik(model, tok, n: int = 200, seed_offset: int = 0, progr
             hits.append(float(pick == ep_mc.answer))
             chance.append(1 / len(ep_mc.choices))
             by_subset.setdefault(ep_mc.subset, []).append(hits[-1])
-    return {"family": "qa", "format": "mc-loglik" + ("-blind" if blind else ""), "n": n,
+    control = "-blind" if blind else "-mismatched" if mismatched else ""
+    return {"family": "qa", "format": "mc-loglik" + control, "n": n,
             "accuracy": sum(hits) / n, "chance": sum(chance) / n,
             "by_subset": {k: sum(v) / len(v) for k, v in sorted(by_subset.items())}}

@@ -197,9 +197,10 @@ def run_eval_stage(s: dict, out: Path, results: dict) -> dict:
     model, tok = OmniModel.from_pretrained(ckpt), Tokenizer.from_dir(ckpt)
     mode = s.get("mode", "generate")
     if mode == "loglik":
-        res = evaluate_scenes_loglik(model, tok, n=int(s.get("n", 200)), progress=True)
-        res["blind"] = evaluate_scenes_loglik(model, tok, n=int(s.get("n", 200)), blind=True)
-        res["mismatched"] = evaluate_scenes_loglik(model, tok, n=int(s.get("n", 200)), mismatched=True)
+        n = int(s.get("n", 200))
+        res = evaluate_scenes_loglik(model, tok, n=n, progress=True)
+        res["blind"] = evaluate_scenes_loglik(model, tok, n=n, blind=True)
+        res["mismatched"] = evaluate_scenes_loglik(model, tok, n=n, mismatched=True)
     elif mode == "generate":
         kw = {"family": s.get("family", "qa"), "n": int(s.get("n", 200)), "qa_format": s.get("qa_format", "mc"),
               "batch_size": int(s.get("batch_size", 16))}

@@ -114,12 +114,13 @@ def evaluate_scenes_loglik(model, tok, n: int = 200, seed_offset: int = 0, progr
     mc, short = QAFamily(vis.image_size, "mc"), QAFamily(vis.image_size, "short")
     model.eval()
     hits, chance, by_subset = [], [], {}
+    seeds = EVAL_SEEDS[seed_offset:seed_offset + n]
     for lo in tqdm(range(0, n, batch_size), disable=not progress, desc="eval qa (loglik)"):
         idx = range(lo, min(n, lo + batch_size))
-        eps = [(mc.episode(EVAL_SEEDS[seed_offset + i]), short.episode(EVAL_SEEDS[seed_offset + i])) for i in idx]
+        eps = [(mc.episode(seeds[i]), short.episode(seeds[i])) for i in idx]
         items = []
         for i, (ep_mc, ep_short) in zip(idx, eps, strict=True):
-            shown = short.episode(EVAL_SEEDS[seed_offset + (i + 1) % n]) if mismatched else ep_short
+            shown = short.episode(seeds[(i + 1) % n]) if mismatched else ep_short
             pixels = eval_pixels(shown, vis.image_size)
             items.append((_prompt_ids(tok, ep_short, vis.tokens_per_image),
                           torch.zeros_like(pixels) if blind else pixels, ep_mc.choices))

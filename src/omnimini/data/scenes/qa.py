@@ -129,6 +129,8 @@ def q_receptacle(rng: random.Random, scene: Scene) -> Question | None:
                             "object", "contents")
         return Question(f"How many objects are inside the {rc.name}?", str(len(inside)), NUMBERS,
                         "number", "count_inside")
+    if not visible:  # every object hidden in a closed container: nothing to ask about here
+        return None
     o = rng.choice(visible)
     ans = o.inside or "none"
     text = f"Which container is the {o.name()} in? Say 'none' if it is not in any container."

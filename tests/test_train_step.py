@@ -49,3 +49,18 @@ def test_compiled_step_matches_eager():
         assert c["loss"] == pytest.approx(e["loss"], rel=1e-4)
         assert c["grad_norm"] == pytest.approx(e["grad_norm"], rel=1e-3)
         assert c["expert_load"] == e["expert_load"]
+
+
+def test_nonfinite_gradient_stops_before_the_update():
+    """A finite loss with a NaN gradient (as cuDNN's bf16 attention backward once produced) must not reach
+    the optimizer: the step raises and every weight keeps its value."""
+    from omnimini.train.trainer import TrainError
+
+    torch.manual_seed(0)
+    model = OmniModel(tiny())
+    step = ModelStep(model, TrainConfig(seq_len=16, micro_batch_size=2, steps=10, warmup_steps=0), DistInfo())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.blocks[0].attn.q_proj.weight.register_hook(lambda g: g * float("nan"))
+    with pytest.raises(TrainError, match="gradient norm became nan"):
+        step([batch()])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -118,6 +118,11 @@ class ModelStep:
         self.moe = _moe_layers(model)
         if info.enabled:
             D.shard(model)
+        if info.device.type == "cuda":
+            # cuDNN's bf16 attention backward returned NaN gradients (finite forward and loss) for the vision
+            # encoder's 64-patch attention at step 548 of the nano recipe on an H100 (found with autograd anomaly
+            # detection; a known cuDNN SDPA bug). Flash / memory-efficient attention take over at no cost here.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self.forward = torch.compile(model) if cfg.compile else model
         self.opt, self.sched = make_optimizer(model, cfg)
 
@@ -152,6 +157,12 @@ class ModelStep:
         lm_loss = float(stats[0])
         if not math.isfinite(lm_loss):
             raise TrainError(f"loss became {lm_loss}; lower lr or check the data")
+        if not math.isfinite(float(gnorm)):
+            # a finite loss with non-finite gradients is a numerical fault in some backward kernel; stepping would
+            # turn every weight into NaN, so stop with the weights (and the last checkpoint) intact
+            self.opt.zero_grad(set_to_none=True)
+            raise TrainError(f"gradient norm became {float(gnorm)} with a finite loss ({lm_loss:.4g}); weights not "
+                             "updated. Check for a backward-kernel fault with torch.autograd.detect_anomaly")
         lr = self.sched.get_last_lr()[0]
         self.opt.step()
         self.sched.step()

@@ -67,3 +67,15 @@ def test_tokenizer_train_command(tmp_path, capsys):
     assert rc == 0 and (tmp_path / "tok" / "tokenizer.json").exists()
     rc, _, err = run(capsys, "tokenizer", "train", str(tmp_path / "missing.txt"), "--vocab-size", "280")
     assert rc != 0 and "missing.txt" in err
+
+
+def test_train_module_entry_point_reports_bad_settings_in_one_line(tmp_path, capsys):
+    """`python -m omnimini.train.cli` (what torchrun runs) answers bad input like `omnimini train` does."""
+    from omnimini.train.cli import main as train_main
+
+    (tmp_path / "t.txt").write_text("some text to train on\n")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: nano\nsteps: 2\ndata:\n  - {{kind: text, paths: ['{tmp_path / 't.txt'}']}}\n")
+    rc = train_main([str(cfg), "--set", "warmup_steps=999", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "warmup_steps 999" in err and "Traceback" not in err and err.count("\n") == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -21,6 +22,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 def run_train_cli(args) -> int:
     from omnimini.train.dist import init, shutdown
     from omnimini.train.recipe import run_recipe
+    from omnimini.train.trainer import TrainError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     overrides = list(args.set) + (["progress=false"] if args.quiet else [])
@@ -28,6 +30,9 @@ def run_train_cli(args) -> int:
     try:
         results = run_recipe(args.recipe, out_dir=args.out, data_dir=args.data, overrides=overrides,
                              resume=not args.no_resume)
+    except TrainError as e:  # a run that failed numerically: its checkpoints stay, the message says what to do
+        print(f"omnimini train: training stopped: {e}", file=sys.stderr)
+        return 1
     finally:
         shutdown()
     if info.main:
@@ -39,9 +44,20 @@ def run_train_cli(args) -> int:
 
 
 def main(argv=None) -> int:
+    """`python -m omnimini.train.cli` (the torchrun entry point): bad input is one line and exit 2, as in
+    `omnimini train`."""
+    import sys
+
+    from omnimini.cli import USER_ERRORS
+
     p = argparse.ArgumentParser(prog="omnimini train")
     add_train_args(p)
-    return run_train_cli(p.parse_args(argv))
+    args = p.parse_args(argv)
+    try:
+        return run_train_cli(args)
+    except USER_ERRORS as e:
+        print(f"omnimini train: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -116,6 +116,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed rounds (each model runs once per round)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--compile", action="store_true", help="also time both sides under torch.compile")
+    ap.add_argument("--profile", action="store_true",
+                    help="also split each eager step into matmul, attention and everything else (torch.profiler)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -180,6 +182,44 @@ def main() -> None:
         ratio(OMC, (HFC_E, HFC_G), "both compiled")
     print(f"MoE tax (MoE / dense same-active tokens/s, eager): {tps[OM] / tps[DENSE]:.2f}x median, "
           f"{best_tps[OM] / best_tps[DENSE]:.2f}x best (target >= 0.7x)")
+    if args.profile:
+        print_breakdown({k: steps[k] for k in (OM, HF_E, HF_G)})
+
+
+MATMUL = ("aten::mm", "aten::bmm", "aten::addmm", "aten::_grouped_mm", "aten::baddbmm")
+
+
+def kernel_split(step, n: int = 3) -> dict[str, float]:
+    """Seconds per step spent in matmul kernels, in attention kernels and in everything else (profiler self
+    times; the profiler's own overhead lands in 'rest')."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            step()
+    split = {"matmul": 0.0, "attention": 0.0, "rest": 0.0}
+    for e in prof.key_averages():
+        kind = ("matmul" if e.key in MATMUL else
+                "attention" if "scaled_dot_product" in e.key or "flash_attention" in e.key else "rest")
+        split[kind] += e.self_cpu_time_total / 1e6 / n
+    return split
+
+
+def print_breakdown(steps: dict) -> None:
+    """Both sides call the same matmul and attention kernels on the same shapes, so those kernels' time is a
+    floor under any step of this model: the table shows how far above that floor each implementation runs."""
+    print("\n| model (eager, profiled) | matmul ms | attention ms | rest ms | step ms |")
+    print("|---|---:|---:|---:|---:|")
+    splits = {k: kernel_split(s) for k, s in steps.items()}
+    for k, sp in splits.items():
+        print(f"| {k} | {1e3 * sp['matmul']:.0f} | {1e3 * sp['attention']:.0f} | {1e3 * sp['rest']:.0f} | "
+              f"{1e3 * sum(sp.values()):.0f} |")
+    om, *rivals = splits.values()
+    best_rival = min(sum(sp.values()) for sp in rivals)
+    floor = om["matmul"] + om["attention"]
+    print(f"\nomnimini's matmul + attention kernels alone: {1e3 * floor:.0f} ms a step; the fastest transformers "
+          f"step: {1e3 * best_rival:.0f} ms -> even a step with nothing but those kernels would be "
+          f"{best_rival / floor:.2f}x transformers (profiled times)")
 
 if __name__ == "__main__":
     main()

@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst")
     p.set_defaults(fn=cmd_convert)
 
-    p = sub.add_parser("bench", help="run a benchmark script from bench/ (peers, cpu_kernels, quant_accuracy, serve_load, train_speed)")
+    p = sub.add_parser("bench", help="run a benchmark script from bench/ (peers, cpu_kernels, quant_accuracy, "
+                                     "serve_load, train_speed)")
     p.add_argument("which")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_bench)

@@ -46,8 +46,6 @@ def run_train_cli(args) -> int:
 def main(argv=None) -> int:
     """`python -m omnimini.train.cli` (the torchrun entry point): bad input is one line and exit 2, as in
     `omnimini train`."""
-    import sys
-
     from omnimini.cli import USER_ERRORS
 
     p = argparse.ArgumentParser(prog="omnimini train")

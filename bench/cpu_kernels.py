@@ -1,6 +1,6 @@
 """The CPU matmul kernels a batch-1 decode step can be built on, measured on SmolLM2-135M's shapes.
 
-    .venv/bin/python bench/cpu_kernels.py [--threads 2] [--rounds 5]
+    .venv/bin/python bench/cpu_kernels.py [--threads 2] [--rounds 5] [--no-llama-cpp]
 
 Batch-1 decode reads every weight once per token, so its speed is set by how fast a kernel streams the weights
 through a [1, in] x [in, out] product. For each kernel PyTorch (2.13, CPU) offers, this times one token's worth
@@ -13,7 +13,8 @@ The kernels: float32 `F.linear` (MKL); fbgemm's dynamic int8 linear (the engine'
 int8 weights, activations quantized on the fly); fbgemm's float16 linear (`--quantize fp16`); PyTorch's
 weight-only int8 (`_weight_int8pack_mm`) and 4-bit (`_weight_int4pack_mm_for_cpu`, group 32, bfloat16
 activations: its fast path) kernels; oneDNN's int8 linear (`onednn.qlinear_pointwise`). llama.cpp reads a
-Q4_1 file (~5 bits a weight) with hand-written AVX2 kernels; run bench/peers.py for it, side by side.
+Q4_1 file (~5 bits a weight) with hand-written AVX2 kernels: its whole batch-1 decode (same machine, same run,
+bench/peers.py's measurement) is the last column's yardstick.
 """
 
 from __future__ import annotations
@@ -131,18 +132,31 @@ def time_token(packs, mm, ws, rounds: int) -> float:
     return best
 
 
+def llama_cpp_decode(threads: int) -> float | None:
+    """llama.cpp's batch-1 decode tok/s on the default model's GGUF (bench/peers.py's measurement)."""
+    from peers import bench_llama_cpp
+
+    from omnimini.weights.default import default_gguf
+
+    r = bench_llama_cpp(default_gguf(), threads, HEAD[0])
+    return r["decode1"] if r else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5, help="timed tokens per kernel (the fastest is reported)")
+    ap.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp's decode (the last column)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")  # quantized-tensor deprecation notices
     ws = _weights()
+    llama = None if args.no_llama_cpp else llama_cpp_decode(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads; memory read rate {read_rate():.1f} GB/s "
-          f"(sum over a 400 MB float32 tensor)\n")
-    print("| kernel | ms / token | MB read | GB/s | tok/s ceiling (GEMVs only) | rel. error |")
-    print("|---|---:|---:|---:|---:|---:|")
+          f"(sum over a 400 MB float32 tensor); llama.cpp batch-1 decode "
+          f"{f'{llama:.1f} tok/s' if llama else 'not measured'} (whole model, everything included)\n")
+    print("| kernel | ms / token | MB read | GB/s | tok/s ceiling (GEMVs only) | ceiling / llama.cpp | rel. error |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     with torch.inference_mode():
         for name, build in KERNELS.items():
             try:
@@ -150,10 +164,11 @@ def main() -> None:
                 err = check(ws, packs, mm)
                 dt = time_token(packs, mm, ws, args.rounds)
             except (RuntimeError, NotImplementedError) as e:  # a kernel this build lacks
-                print(f"| {name} | unavailable: {str(e).splitlines()[0][:60]} | | | | |")
+                print(f"| {name} | unavailable: {str(e).splitlines()[0][:60]} | | | | | |")
                 continue
             mb = sum(b for _, b in packs) / 1e6
-            print(f"| {name} | {dt * 1e3:.1f} | {mb:.0f} | {mb / 1e3 / dt:.1f} | {1 / dt:.0f} | {err:.3f} |")
+            vs = f"{1 / dt / llama:.2f}x" if llama else "-"
+            print(f"| {name} | {dt * 1e3:.1f} | {mb:.0f} | {mb / 1e3 / dt:.1f} | {1 / dt:.0f} | {vs} | {err:.3f} |")
             del packs
 
 

@@ -2,8 +2,10 @@
 
 Batch-1 decode of a small model is bound by reading weights from memory, so int8 weights read ~4x fewer bytes
 than float32 and fbgemm's dynamic int8 GEMM (activations quantized per call) runs near the memory bandwidth.
-Weights get symmetric per-output-channel scales. The torch int4/int8 "weight pack" matmuls are 10-30x slower
-than float32 on AVX2 CPUs (DESIGN.md), so there is no int4 path: asking for it is an error that says so.
+Weights get symmetric per-output-channel scales. PyTorch's weight-only "weight pack" matmuls do not pay on AVX2
+CPUs (bench/cpu_kernels.py): int8 is 10x slower than fbgemm's; int4 (fast only with bfloat16 activations) is
+compute-bound, slower than fbgemm's int8 although it reads 40% fewer bytes, and less accurate. So there is no
+int4 path: asking for it is an error that says so.
 
 Quantization rewrites the model in place for the engine: attention and MLP projections, MoE experts (through
 `MoE.expert_fn`), shared experts and the LM head (a tied head gets its own quantized copy; the embedding table
@@ -175,9 +177,9 @@ def quantize_model(model, mode: str = "int8", calib_ids: list[int] | None = None
     if mode == "none":
         return model
     if mode == "int4":
-        raise QuantizeError("int4 is not offered: PyTorch's CPU int4 matmul (_weight_int4pack_mm_for_cpu) is 10-30x "
-                            "slower than float32 on this AVX2 CPU, so it would slow decode down; use --quantize int8 "
-                            "or fp16")
+        raise QuantizeError("int4 is not offered: PyTorch's CPU int4 matmul (_weight_int4pack_mm_for_cpu) is "
+                            "compute-bound on AVX2, slower than the int8 path and less accurate "
+                            "(bench/cpu_kernels.py); use --quantize int8 or fp16")
     if next(model.parameters()).device.type != "cpu":
         raise QuantizeError(f"{mode} quantization uses fbgemm CPU kernels: load the model on cpu (on GPU use bf16)")
     if model.training:

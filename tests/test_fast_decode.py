@@ -93,3 +93,18 @@ def test_engine_with_compiled_decode_matches_generate(tok):  # noqa: F811
             assert r.completions[0].token_ids == alone(model, tok, p, SamplingParams(temperature=0, max_tokens=12))
     finally:
         engine.shutdown()
+
+
+def test_no_recompile_up_to_the_end_of_the_cache(tok):  # noqa: F811
+    """After warm-up, decoding every position up to the cache's last one compiles nothing new (a key slice as long
+    as the cache tensor itself used to make Dynamo specialise and recompile: minutes, mid-serving)."""
+    from torch._dynamo.utils import counters
+
+    model = tiny(tok.vocab_size)
+    cache = model.new_cache(2, 2 * fast_decode.KV_BUCKET)
+    fast = FastDecoder(model, cache)
+    fast.warm_up(1)
+    before = counters["stats"]["unique_graphs"]
+    for p in range(cache.max_len):
+        fast(torch.tensor([5]), torch.tensor([p]), torch.tensor([0]))
+    assert counters["stats"]["unique_graphs"] == before

@@ -74,7 +74,10 @@ class KVCache:
     """
 
     def __init__(self, cfg: ModelConfig, slots: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (slots, cfg.num_kv_heads, max_len, cfg.dim_head)
+        # one spare position past max_len, never written or attended: the compiled decode step slices the cache to
+        # a bucketed key length <= max_len, and a slice as long as the tensor itself made Dynamo specialise and
+        # recompile (minutes on a CPU) the moment a sequence reached the end of the cache
+        shape = (slots, cfg.num_kv_heads, max_len + 1, cfg.dim_head)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.slots, self.max_len = slots, max_len

@@ -69,8 +69,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache:
     """Slot-based static cache: one row per sequence slot, keys/values written at explicit positions.
 
-    k[layer]: [slots, kv_heads, max_len, head_dim]. The caller (generator/engine) tracks each slot's length and
-    passes positions; attention masks keys by position, so stale entries beyond a slot's length are never read.
+    k[layer]: [slots, kv_heads, max_len + 1, head_dim] (one spare position, see __init__). The caller
+    (generator/engine) tracks each slot's length and passes positions; attention masks keys by position, so stale
+    entries beyond a slot's length are never read.
     """
 
     def __init__(self, cfg: ModelConfig, slots: int, max_len: int, device=None, dtype=torch.float32):

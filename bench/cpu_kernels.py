@@ -52,7 +52,9 @@ def fp32(ws):
 
 
 def _int8_rows(w):
-    scale = (w.abs().amax(1) / 127).clamp_min(1e-8)
+    from omnimini.engine.quant import int8_row_scales
+
+    scale = int8_row_scales(w)
     return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 

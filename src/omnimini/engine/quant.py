@@ -30,9 +30,14 @@ class QuantizeError(ValueError):
     """A quantization mode or device this engine cannot run."""
 
 
+def int8_row_scales(w: torch.Tensor) -> torch.Tensor:
+    """Symmetric per-output-row int8 scales of a float [out, in] weight: row max |w| maps to 127."""
+    return (w.abs().amax(dim=1) / 127.0).clamp_min(1e-8)
+
+
 def _packed_int8(weight: torch.Tensor, bias: torch.Tensor | None):
     w = weight.detach().float().contiguous()
-    scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-8).double()
+    scale = int8_row_scales(w).double()
     zero = torch.zeros(w.shape[0], dtype=torch.long)
     with warnings.catch_warnings():  # quantized-tensor constructors warn about a future deprecation
         warnings.simplefilter("ignore")

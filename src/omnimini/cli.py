@@ -12,6 +12,11 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, N
                                                  PermissionError, KeyError)
 
 
+def user_error_text(e: BaseException) -> str:
+    """The one line a USER_ERRORS exception is reported as (a KeyError's message without repr quotes)."""
+    return str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+
+
 def _load(args):
     from omnimini.runtime import load_for_inference
 
@@ -236,8 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted", file=sys.stderr)
         return 130
     except USER_ERRORS as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"omnimini: error: {msg}", file=sys.stderr)
+        print(f"omnimini: error: {user_error_text(e)}", file=sys.stderr)
         return 2
 
 

@@ -46,7 +46,7 @@ def run_train_cli(args) -> int:
 def main(argv=None) -> int:
     """`python -m omnimini.train.cli` (the torchrun entry point): bad input is one line and exit 2, as in
     `omnimini train`."""
-    from omnimini.cli import USER_ERRORS
+    from omnimini.cli import USER_ERRORS, user_error_text
 
     p = argparse.ArgumentParser(prog="omnimini train")
     add_train_args(p)
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     try:
         return run_train_cli(args)
     except USER_ERRORS as e:
-        print(f"omnimini train: error: {e}", file=sys.stderr)
+        print(f"omnimini train: error: {user_error_text(e)}", file=sys.stderr)
         return 2
 
 

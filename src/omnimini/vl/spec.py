@@ -119,9 +119,17 @@ def write_vision_file(model, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_vl(text_model, text_tok, path: Path = VISION_FILE, strict: bool = False):
+def vision_file() -> Path:
+    """The shipped vision weights, or $OMNIMINI_VL_VISION (a file from your own `make omnimini-vl` run)."""
+    import os
+
+    return Path(os.environ.get("OMNIMINI_VL_VISION") or VISION_FILE)
+
+
+def load_vl(text_model, text_tok, path: Path | None = None, strict: bool = False):
     """(model, tokenizer) of omnimini-vl; with strict=False a missing or bad vision file gives the text model back
     with a one-line warning naming the file, so the server still serves text."""
+    path = vision_file() if path is None else path
     try:
         tok = vl_tokenizer(text_tok)
         return attach_vision(text_model, tok, read_vision_file(path), where=str(path)), tok

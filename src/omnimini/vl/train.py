@@ -35,7 +35,7 @@ from omnimini.data.scenes.tasks import TRAIN_SEEDS
 from omnimini.data.scenes.world import generate_scene, render
 from omnimini.images import to_pixels
 from omnimini.vl import spec
-from omnimini.vl.targets import DenseHeads, dense_targets, scene_objects, shapes_objects
+from omnimini.vl.targets import WORDS, DenseHeads, dense_targets, scene_objects, shapes_objects
 
 
 @dataclass
@@ -220,7 +220,7 @@ def run_stage(name: str, cfg: StageConfig, model, heads: DenseHeads, out: Path, 
     if ckpt.exists():
         st = torch.load(ckpt, weights_only=False)
         model.vision.load_state_dict(st["vision"])
-        heads.load_state_dict(st["heads"])
+        heads.load_state_dict(st["heads"], strict=False)  # a head added since is trained from its init
         opt.load_state_dict(st["opt"])
         start = st["step"]
         if start >= cfg.steps:
@@ -248,7 +248,7 @@ def run_stage(name: str, cfg: StageConfig, model, heads: DenseHeads, out: Path, 
             if "dense" in batch:
                 aux, acc = heads(tokens, batch["dense"])
                 loss = loss + cfg.aux_weight * aux
-                metrics.update(aux_loss=aux.item(), colour_obj=acc["colour_obj"])
+                metrics.update(aux_loss=aux.item(), colour_obj=acc["colour_obj"], word=acc.get("word"))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(params, 1.0).item()
@@ -257,12 +257,18 @@ def run_stage(name: str, cfg: StageConfig, model, heads: DenseHeads, out: Path, 
         log.write(json.dumps({"stage": name, **metrics}) + "\n")
         log.flush()
         bar.set_postfix({k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in metrics.items()
-                         if k in ("loss", "lm_loss", "colour_obj", "count", "source")})
+                         if k in ("loss", "lm_loss", "colour_obj", "word", "count", "source")})
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             _save(ckpt, {"vision": model.vision.state_dict(), "heads": heads.state_dict(),
                          "opt": opt.state_dict(), "step": step + 1, "metrics": metrics})
     model.vision.eval()
     return metrics
+
+
+def word_embeddings(model, tok) -> torch.Tensor:
+    """The LM's input embedding of each of WORDS (as it follows a space: the form used mid-sentence)."""
+    ids = [tok.encode(" " + w)[0] for w in WORDS]
+    return model.embed.weight[torch.tensor(ids)].detach().clone()
 
 
 def build(out: Path, warmup: StageConfig = WARMUP, align: StageConfig = ALIGN, threads: int = 2,
@@ -281,7 +287,7 @@ def build(out: Path, warmup: StageConfig = WARMUP, align: StageConfig = ALIGN, t
         p.requires_grad_(False)
     for p in model.vision.parameters():
         p.requires_grad_(True)
-    heads = DenseHeads(model.config.hidden_size, model.config.vision.tokens_per_image)
+    heads = DenseHeads(model.config.hidden_size, model.config.vision.tokens_per_image, word_embeddings(model, tok))
     report = {"warmup": asdict(warmup), "align": asdict(align)}
     t0 = time.time()
     with (out / "log.jsonl").open("a") as log:
@@ -299,6 +305,23 @@ def build(out: Path, warmup: StageConfig = WARMUP, align: StageConfig = ALIGN, t
     return report
 
 
+def export(out: Path, target: Path) -> Path:
+    """Write the vision file from the newest stage checkpoint in `out` (align, else warmup), e.g. mid-run."""
+    from omnimini.weights.convert import load_any
+    from omnimini.weights.default import TEXT_MODEL_NAME
+
+    ckpt = next((out / f"{s}.pt" for s in ("align", "warmup") if (out / f"{s}.pt").exists()), None)
+    if ckpt is None:
+        raise FileNotFoundError(f"{out}: no warmup.pt or align.pt checkpoint to export")
+    text_model, text_tok = load_any(TEXT_MODEL_NAME)
+    model = spec.attach_vision(text_model, spec.vl_tokenizer(text_tok))
+    st = torch.load(ckpt, weights_only=False)
+    model.vision.load_state_dict(st["vision"])
+    spec.write_vision_file(model, target)
+    print(f"omnimini-vl: exported {ckpt.name} step {st['step']} to {target}", file=sys.stderr)
+    return target
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m omnimini.vl.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/omnimini-vl", help="run directory (resumes when it holds checkpoints)")
@@ -307,7 +330,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--install", action="store_true",
                     help=f"also write the result to the package's shipped file ({spec.VISION_FILE})")
+    ap.add_argument("--export", metavar="FILE", default=None,
+                    help="only write FILE from the run's newest checkpoint (no training)")
     a = ap.parse_args(argv)
+    if a.export:
+        export(Path(a.out), Path(a.export))
+        return 0
     for flag, v in (("--warmup-steps", a.warmup_steps), ("--align-steps", a.align_steps), ("--threads", a.threads)):
         if v < 1:
             ap.error(f"{flag} must be >= 1, got {v}")

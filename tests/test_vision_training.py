@@ -12,7 +12,6 @@ import random
 
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from omnimini.config import ModelConfig, VisionConfig
@@ -36,6 +35,14 @@ def one_shape(seed: int, size: int = 32):
 
 
 def test_warmed_up_frozen_tower_gives_an_lm_that_reads_the_image(tmp_path):
+    real, blank = train_and_score(tmp_path, warmup_steps=150, freeze=True)
+    assert real >= blank + 0.30, (real, blank)
+    assert real > 1 / len(COLOURS)  # above chance
+
+
+def train_and_score(tmp_path, warmup_steps: int, freeze: bool, steps: int = 150) -> tuple[float, float]:
+    """Held-out colour accuracy (real image, blank image) after the recipe; the knobs give the measured
+    alternatives in recipes/README.md (no warm-up, tower left trainable)."""
     torch.manual_seed(0)
     (tmp_path / "c.txt").write_text(" ".join(f"The shape is {c}." for c in COLOURS) * 50)
     tok = Tokenizer.train([tmp_path / "c.txt"], vocab_size=300, show_progress=False)
@@ -50,7 +57,7 @@ def test_warmed_up_frozen_tower_gives_an_lm_that_reads_the_image(tmp_path):
     # (1) vision warm-up: dense heads on each image token
     heads = DenseHeads(cfg.hidden_size, vis.tokens_per_image)
     opt = torch.optim.AdamW(list(model.vision.parameters()) + list(heads.parameters()), lr=3e-3)
-    for step in range(150):
+    for step in range(warmup_steps):
         imgs = [one_shape(step * 32 + i) for i in range(32)]
         px = torch.stack([to_pixels(im, 32) for im, _ in imgs])
         t = {k: torch.stack([dense_targets(shapes_objects(s), grid)[k] for _, s in imgs])
@@ -61,7 +68,7 @@ def test_warmed_up_frozen_tower_gives_an_lm_that_reads_the_image(tmp_path):
         opt.step()
 
     # (2) tower frozen (the projector keeps learning), (3) LM + projector on image-determined answers
-    frozen = [p for n, p in model.vision.named_parameters() if not n.startswith("proj_")]
+    frozen = [p for n, p in model.vision.named_parameters() if freeze and not n.startswith("proj_")]
     for p in frozen:
         p.requires_grad_(False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
@@ -72,7 +79,7 @@ def test_warmed_up_frozen_tower_gives_an_lm_that_reads_the_image(tmp_path):
         prompt = tok.encode_chat(msgs, image_tokens=vis.tokens_per_image)
         return img, prompt, tok.encode(f"The shape is {shapes[0].colour}.")
 
-    for step in range(150):
+    for step in range(steps):
         batch = [sample(10_000 + step * 16 + i) for i in range(16)]
         T = max(len(p) + len(a) for _, p, a in batch)
         ids = torch.tensor([p + a + [0] * (T - len(p) - len(a)) for _, p, a in batch])  # right pads: causal-safe
@@ -103,6 +110,4 @@ def test_warmed_up_frozen_tower_gives_an_lm_that_reads_the_image(tmp_path):
             hits += COLOURS[int(logits[colour_ids].argmax())] == truth
         return hits / 60
 
-    real, blank = accuracy(False), accuracy(True)
-    assert real >= blank + 0.30, (real, blank)
-    assert F.softmax(torch.zeros(len(COLOURS)), 0)[0] < real  # above chance (1/6)
+    return accuracy(False), accuracy(True)

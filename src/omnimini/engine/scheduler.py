@@ -79,6 +79,7 @@ class EngineEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0  # tokens this sequence has produced so far
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens whose KV was reused from a prefix cache (0: prefilled in full)
 
 
 @dataclass

@@ -110,9 +110,9 @@ async def collect(served: ServedModel, prep: PreparedChat) -> list[Choice]:
         async for _, ev in merged(served, [prep.request]):
             texts[ev.index].append(ev.text)
             lps[ev.index].extend(ev.logprobs)
+            cached[ev.index] = max(cached[ev.index], ev.cached_tokens)
             if ev.finish_reason:
-                reasons[ev.index], toks[ev.index], cached[ev.index] = ev.finish_reason, ev.completion_tokens, \
-                    ev.cached_tokens
+                reasons[ev.index], toks[ev.index] = ev.finish_reason, ev.completion_tokens
     except EngineError as e:
         raise engine_error(e) from None
     choices = []
@@ -132,8 +132,10 @@ async def pieces(served: ServedModel, prep: PreparedChat) -> AsyncIterator[Piece
     sequence carrying its finish reason and tool calls. Raises EngineError."""
     parsers = [ToolStreamParser(prep.tool_mode == "forced", prep.parallel_tools) if prep.tool_mode else None
                for _ in range(prep.request.n)]
+    cached = [0] * prep.request.n
     async for _, ev in merged(served, [prep.request]):
         i, parser = ev.index, parsers[ev.index]
+        cached[i] = max(cached[i], ev.cached_tokens)
         text = parser.feed(ev.text) if parser else ev.text
         if text or ev.logprobs:
             yield Piece(i, text, ev.logprobs)
@@ -147,7 +149,7 @@ async def pieces(served: ServedModel, prep: PreparedChat) -> AsyncIterator[Piece
             if calls:
                 reason = "tool_calls"
         yield Piece(i, finish_reason=reason, calls=calls, completion_tokens=ev.completion_tokens,
-                    cached_tokens=ev.cached_tokens)
+                    cached_tokens=cached[i])
 
 
 async def _watch_disconnect(request: Request, task: asyncio.Task) -> None:

@@ -15,6 +15,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
 from omnimini.engine.scheduler import EngineError, EngineRequest
+from omnimini.serve import embeddings as E
 from omnimini.serve import generation as G
 from omnimini.serve import protocol as P
 from omnimini.serve.config import ServeConfig, add_serve_args, serve_config_from_args
@@ -162,6 +163,23 @@ def build_app(config: ServeConfig, registry: ModelRegistry | None = None) -> Fas
             return await _completion_full(served, reqs, body, request)
         finally:
             lease.release()
+
+    embedders: dict[str, E.Embedder] = {}
+
+    @app.post("/v1/embeddings", dependencies=[Depends(auth)])
+    async def embeddings(request: Request):
+        body = await parse_body(request, E.EmbeddingsRequest)
+        served = registry.get(body.model)
+        E.check_dimensions(body.dimensions, served.model.config.hidden_size)
+        inputs = E.token_inputs(body, served.tokenizer, served.context)
+        embed = embedders.setdefault(served.id, E.Embedder(served.model, served.engine.pad_id))
+        lease = G.Lease(limiter)
+        try:
+            vecs = await asyncio.to_thread(embed, inputs)
+        finally:
+            lease.release()
+        return E.embeddings_response(body.model, E.shape_vectors(vecs, body.dimensions), body.encoding_format,
+                                     sum(len(x) for x in inputs))
 
     install_responses(app, auth, ResponseStore(store))
     return app

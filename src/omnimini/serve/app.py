@@ -26,7 +26,7 @@ from omnimini.serve.prepare import PreparedChat, prepare_chat, prepare_completio
 from omnimini.serve.registry import ModelRegistry, ServedModel, load_registry
 from omnimini.serve.responses_routes import install_responses
 from omnimini.serve.responses_store import ResponseStore
-from omnimini.serve.store import Store
+from omnimini.serve.store import Store, StoreError
 
 __all__ = ["ServeConfig", "add_serve_args", "build_app", "run_server", "serve_config_from_args"]
 
@@ -62,14 +62,16 @@ class _CountRequests:
 
 
 def build_app(config: ServeConfig, registry: ModelRegistry | None = None) -> FastAPI:
+    try:  # before loading models: a bad --state-dir should fail in a second, not after the weights
+        store = Store(config.state_dir)
+    except StoreError as e:
+        raise ValueError(f"--state-dir: {e}") from None
     registry = registry or load_registry(
         config.models, config.aliases, config.quantize, max_batch=config.max_batch,
         max_context=config.max_context, kv_budget_tokens=config.kv_budget_tokens, prefill_chunk=config.prefill_chunk,
         compile_decode=config.compile_decode, prefix_cache_tokens=config.prefix_cache_tokens)
     limiter = ConcurrencyLimiter(config.limits.max_concurrent, config.limits.retry_after_s)
     metrics = Metrics(registry)
-
-    store = Store(config.state_dir)
 
     @asynccontextmanager
     async def lifespan(_app):

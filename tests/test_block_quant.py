@@ -14,16 +14,19 @@ from omnimini.model import OmniModel
 from omnimini.model.blocklinear import BlockLinear
 
 
-def _model(tie=True):
+def _model(tie=True, **extra):
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=320, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                      intermediate_size=224, max_seq_len=64, tie_embeddings=tie)
+                      intermediate_size=224, max_seq_len=64, tie_embeddings=tie, **extra)
     return OmniModel(cfg).eval()
 
 
-@pytest.mark.parametrize("mode", ["q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("mode", ["q8_0", "q4_0", "q4_1", "q8_0-window"])
 def test_quantized_model_decodes_like_its_full_forward(mode):
-    ref = _model(tie=mode != "q4_0")
+    # q8_0-window: layer 0 attends to a sliding window of 4 positions and queries have their own scale
+    extra = dict(sliding_window=4, layer_types=["sliding", "full"], attn_scale=0.2) if "window" in mode else {}
+    mode = mode.split("-")[0]
+    ref = _model(tie=mode != "q4_0", **extra)
     m = quantize_model(copy.deepcopy(ref), mode)
     assert isinstance(m.blocks[0].attn.qkv, BlockLinear) and m.blocks[0].attn.qkv.format.name == mode
     assert m.lm_head.format.name == "q8_0"  # the output head keeps 8 bits

@@ -95,7 +95,7 @@ def test_fake_kernels_give_shapes():
         a = torch.ops.omnimini_cpu.attn_decode(torch.empty(2, 8 * 16), torch.empty(2, 2, 9, 16),
                                                torch.empty(2, 2, 9, 16), torch.zeros(2, dtype=torch.long),
                                                torch.zeros(2, dtype=torch.long), torch.empty(2, 16),
-                                               torch.empty(2, 16), 4, 2)
+                                               torch.empty(2, 16), 4, 2, 0.0, 0)
     assert y.shape == (3, 10) and a.shape == (2, 64)
 
 

@@ -28,7 +28,7 @@ from omnimini import kernels
 from omnimini.config import QUANTIZE_MODES
 from omnimini.kernels.blocks import FORMATS, check_blocks
 from omnimini.model.blocklinear import BlockLinear
-from omnimini.model.layers import Attention, SwiGLU
+from omnimini.model.layers import ACTIVATION_FNS, Attention, SwiGLU
 from omnimini.model.moe import MoE
 
 BLOCK_MODES = tuple(FORMATS)
@@ -167,22 +167,24 @@ def fused_linear(linear, parts: list[torch.Tensor], bias: torch.Tensor | None = 
 class QuantSwiGLU(nn.Module):
     """SwiGLU with gate and up fused into one quantized matmul (one weight read, one call)."""
 
-    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, linear=Int8Linear):
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, linear=Int8Linear,
+                 act: str = "silu"):
         super().__init__()
         self.inter = gate.shape[0]
         self.gate_up = fused_linear(linear, [gate, up])
         self.down_proj = linear(down)
+        self.act_name, self.act = act, ACTIVATION_FNS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gu = self.gate_up(x)
-        if kernels.usable(gu):  # one pass instead of slice, silu, slice, mul
+        if self.act_name == "silu" and kernels.usable(gu):  # one pass instead of slice, silu, slice, mul
             return self.down_proj(torch.ops.omnimini_cpu.silu_mul(gu.reshape(-1, 2 * self.inter)).view(
                 *gu.shape[:-1], self.inter))
-        return self.down_proj(F.silu(gu[..., : self.inter]) * gu[..., self.inter:])
+        return self.down_proj(self.act(gu[..., : self.inter]) * gu[..., self.inter:])
 
     @classmethod
     def from_swiglu(cls, m: SwiGLU, linear=Int8Linear) -> QuantSwiGLU:
-        return cls(m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight, linear)
+        return cls(m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight, linear, m.act_name)
 
 
 class QuantExperts(nn.Module):

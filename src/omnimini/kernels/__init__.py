@@ -98,7 +98,7 @@ def _register_fakes() -> None:
         return gu.new_empty(gu.shape[0], gu.shape[1] // 2)
 
     @torch.library.register_fake("omnimini_cpu::attn_decode")
-    def _(qkv, k_cache, v_cache, slots, positions, cos, sin, heads, kv_heads):
+    def _(qkv, k_cache, v_cache, slots, positions, cos, sin, heads, kv_heads, scale, window):
         return qkv.new_empty(qkv.shape[0], heads * k_cache.shape[-1])
 
 

@@ -77,7 +77,7 @@ def build_app(config: ServeConfig, registry: ModelRegistry | None = None) -> Fas
     registry = registry or load_registry(
         config.models, config.aliases, config.quantize, max_batch=config.max_batch,
         max_context=config.max_context, kv_budget_tokens=config.kv_budget_tokens, prefill_chunk=config.prefill_chunk,
-        compile_decode=config.compile_decode)
+        compile_decode=config.compile_decode, prefix_cache_tokens=config.prefix_cache_tokens)
     limiter = ConcurrencyLimiter(config.limits.max_concurrent, config.limits.retry_after_s)
     metrics = Metrics(registry)
 
@@ -256,8 +256,10 @@ async def _chat_full(served: ServedModel, prep: PreparedChat, model_name: str, r
         n = prep.request.n
         texts, lps = [[] for _ in range(n)], [[] for _ in range(n)]
         reasons, toks = [None] * n, [0] * n
+        cached = 0
         try:
             async for _, ev in _merged(served, [prep.request]):
+                cached = max(cached, ev.cached_tokens)
                 texts[ev.index].append(ev.text)
                 lps[ev.index].extend(ev.logprobs)
                 if ev.finish_reason:
@@ -277,7 +279,7 @@ async def _chat_full(served: ServedModel, prep: PreparedChat, model_name: str, r
             choices.append({"index": i, "message": msg, "finish_reason": reason,
                             "logprobs": P.chat_logprobs(lps[i]) if prep.request.params.logprobs else None})
         return P.chat_completion(P.new_id("chatcmpl"), P.now(), model_name, choices,
-                                 P.usage(prep.prompt_tokens, sum(toks)))
+                                 P.usage(prep.prompt_tokens, sum(toks), cached))
 
     return await _run_until_done(collect(), request)
 
@@ -287,13 +289,14 @@ async def _chat_stream(served, prep: PreparedChat, model_name: str, include_usag
     chunk = lambda choices, use=None: _sse(P.chat_chunk(rid, created, model_name, choices, use))  # noqa: E731
     parsers = [ToolStreamParser(prep.tool_mode == "forced", prep.parallel_tools) if prep.tool_mode else None
                for _ in range(n)]
-    toks = [0] * n
+    toks, cached = [0] * n, 0
     try:
         for i in range(n):
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None}])
         async for _, ev in _merged(served, [prep.request]):
             i, parser = ev.index, parsers[ev.index]
+            cached = max(cached, ev.cached_tokens)
             text = parser.feed(ev.text) if parser else ev.text
             lp = P.chat_logprobs(ev.logprobs) if ev.logprobs else None
             if text or lp:
@@ -317,7 +320,7 @@ async def _chat_stream(served, prep: PreparedChat, model_name: str, include_usag
                     reason = "tool_calls"
             yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}])
         if include_usage:
-            yield chunk([], P.usage(prep.prompt_tokens, sum(toks)))
+            yield chunk([], P.usage(prep.prompt_tokens, sum(toks), cached))
         yield "data: [DONE]\n\n"
     except EngineError as e:
         yield _sse(P.error_body(f"Generation failed: {e}", "server_error", None, "engine_error"))

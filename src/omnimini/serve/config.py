@@ -26,6 +26,7 @@ class ServeConfig:
     kv_budget_tokens: int | None = None
     prefill_chunk: int = 256
     compile_decode: bool = False  # torch.compile the decode step (1-3 min at first start, cached on disk)
+    prefix_cache_tokens: int | None = None  # KV tokens of pooled prompt prefixes (None: engine default, 0: off)
     limits: ServeLimits = field(default_factory=ServeLimits)
     cors_origins: list[str] = field(default_factory=list)
     allow_remote_images: bool = False
@@ -64,6 +65,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", dest="compile_decode",
                    help="compile the decode step with torch.compile (dense models; ~1.5x decode tokens/s; the "
                         "first start compiles for 1-3 min, later starts reuse Inductor's on-disk cache)")
+    p.add_argument("--prefix-cache-tokens", type=int, default=None,
+                   help="KV tokens kept for automatic prompt-prefix caching, LRU (default: a quarter of the KV "
+                        "budget)")
+    p.add_argument("--no-prefix-cache", action="store_true", help="turn automatic prompt-prefix caching off")
     p.add_argument("--max-concurrent", type=int, default=lim.max_concurrent, help="in-flight requests before 429")
     p.add_argument("--max-tokens-limit", type=int, default=lim.max_tokens, help="largest max_tokens accepted")
     p.add_argument("--max-body-bytes", type=int, default=lim.max_body_bytes)
@@ -85,5 +90,6 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
                        api_keys=args.api_keys, quantize=args.quantize, max_batch=args.max_batch,
                        max_context=args.max_context, kv_budget_tokens=args.kv_budget_tokens,
                        prefill_chunk=args.prefill_chunk, compile_decode=args.compile_decode, limits=lim,
+                       prefix_cache_tokens=0 if args.no_prefix_cache else args.prefix_cache_tokens,
                        cors_origins=args.cors_origins, allow_remote_images=args.allow_remote_images,
                        log_level=args.log_level)

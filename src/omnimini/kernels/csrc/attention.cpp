@@ -1,6 +1,7 @@
 // One decode step of grouped-query attention over a slot KV cache, for B sequences with one new token each:
 // rotary (rotate-half, the model's own cos/sin), the new key/value written into the cache, then softmax attention
-// of each query head over its sequence's keys 0..position. Replaces ~20 small PyTorch ops per layer at decode.
+// of each query head over its sequence's keys 0..position (the last `window` of them on sliding-window layers).
+// Replaces ~20 small PyTorch ops per layer at decode.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -44,10 +45,11 @@ inline void rope(const float* x, const float* cos, const float* sin, float* out,
   }
 }
 
-// qkv [B, (H + 2 KVH) * D]; caches [S, KVH, L, D]; slots, positions [B] int64; cos, sin [B, D] -> [B, H * D]
+// qkv [B, (H + 2 KVH) * D]; caches [S, KVH, L, D]; slots, positions [B] int64; cos, sin [B, D] -> [B, H * D].
+// scale <= 0: 1/sqrt(D); window <= 0: no sliding window.
 at::Tensor attn_decode(const at::Tensor& qkv, at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slots,
                        const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin, int64_t H,
-                       int64_t KVH) {
+                       int64_t KVH, double scale_arg, int64_t window) {
   TORCH_CHECK(qkv.dim() == 2 && qkv.scalar_type() == at::kFloat, "attn_decode: qkv must be 2-D float32");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.scalar_type() == at::kFloat && k_cache.is_contiguous() &&
                   v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == at::kFloat && v_cache.is_contiguous(),
@@ -78,14 +80,15 @@ at::Tensor attn_decode(const at::Tensor& qkv, at::Tensor k_cache, at::Tensor v_c
   }
   at::Tensor out = at::zeros({B, H * D}, qkv.options());
   float* op = out.data_ptr<float>();
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const float scale = scale_arg > 0 ? static_cast<float>(scale_arg) : 1.0f / std::sqrt(static_cast<float>(D));
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qr(D), p;
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / H, h = t % H, g = h / G, n = pos[b] + 1;
+      const int64_t b = t / H, h = t % H, g = h / G;
+      const int64_t first = window > 0 ? std::max<int64_t>(0, pos[b] - window + 1) : 0, n = pos[b] + 1 - first;
       rope(q + b * W + h * D, cp + b * D, sp + b * D, qr.data(), D);
-      const float* keys = kc + (slot[b] * KVH + g) * L * D;
-      const float* vals = vc + (slot[b] * KVH + g) * L * D;
+      const float* keys = kc + ((slot[b] * KVH + g) * L + first) * D;
+      const float* vals = vc + ((slot[b] * KVH + g) * L + first) * D;
       p.resize(n);
       float mx = -INFINITY;
       for (int64_t j = 0; j < n; ++j) {
@@ -106,7 +109,7 @@ at::Tensor attn_decode(const at::Tensor& qkv, at::Tensor k_cache, at::Tensor v_c
 
 TORCH_LIBRARY_FRAGMENT(omnimini_cpu, m) {
   m.def("attn_decode(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, Tensor positions, "
-        "Tensor cos, Tensor sin, int heads, int kv_heads) -> Tensor");
+        "Tensor cos, Tensor sin, int heads, int kv_heads, float scale, int window) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(omnimini_cpu, CPU, m) {

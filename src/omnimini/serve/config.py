@@ -33,6 +33,7 @@ class ServeConfig:
     remote_image_timeout_s: float = 10.0
     shutdown_timeout_s: float = 30.0
     log_level: str = "info"
+    state_dir: str | None = None  # stored responses etc.; None: $OMNIMINI_STATE_DIR or ~/.local/share/omnimini
 
     def keys(self) -> set[str]:
         env = os.environ.get(API_KEY_ENV, "")
@@ -78,6 +79,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="allow browser requests from this origin (CORS is off by default)")
     p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (off by default)")
     p.add_argument("--log-level", default=d.log_level)
+    p.add_argument("--state-dir", default=None, metavar="DIR",
+                   help="where stored responses live (SQLite; several servers may share it); default "
+                        "$OMNIMINI_STATE_DIR or ~/.local/share/omnimini")
 
 
 def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
@@ -92,4 +96,4 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
                        prefill_chunk=args.prefill_chunk, compile_decode=args.compile_decode, limits=lim,
                        prefix_cache_tokens=0 if args.no_prefix_cache else args.prefix_cache_tokens,
                        cors_origins=args.cors_origins, allow_remote_images=args.allow_remote_images,
-                       log_level=args.log_level)
+                       log_level=args.log_level, state_dir=args.state_dir)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from omnimini.engine.quant import PackedLinear
+from omnimini.model.blocklinear import BlockLinear
 from omnimini.model.layers import KVCache
 
 KV_BUCKET = 32  # small: attention reads only up to the bucket; the key length is symbolic, so no recompiles
@@ -64,11 +65,20 @@ def supports(model) -> str | None:
         return "the compiled decode step targets CPU"
     if cfg.qk_norm not in (None, "none", "head", "full"):
         return f"qk_norm {cfg.qk_norm!r}"
+    # the Gemma-style options are not written into the compiled step (yet): such models decode eagerly
+    gemma_like = {"sliding_window": cfg.sliding_window is not None, "sandwich_norm": cfg.sandwich_norm,
+                  "embed_scale": cfg.embed_scale != 1.0, "attn_scale": cfg.attn_scale is not None,
+                  f"hidden_act {cfg.hidden_act}": cfg.hidden_act != "silu"}
+    unsupported = [name for name, on in gemma_like.items() if on]
+    if unsupported:
+        return f"the compiled step does not implement {', '.join(unsupported)}"
     return None
 
 
 def _linear(mod, x: torch.Tensor) -> torch.Tensor:
-    """x [N, in] through an nn.Linear or one of quant.py's packed linears."""
+    """x [N, in] through an nn.Linear, a BlockLinear or one of quant.py's packed linears."""
+    if isinstance(mod, BlockLinear):  # omnimini's own kernel: a custom op with a fake kernel, traced as is
+        return mod(x)
     if not isinstance(mod, PackedLinear):
         return F.linear(x, mod.weight, mod.bias)
     y = torch.ops.omnimini.packed_linear(x, mod.graph_handle, mod.out_features)

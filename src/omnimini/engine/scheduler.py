@@ -9,6 +9,11 @@ that are already flowing.
 n > 1: the prompt is prefilled once into the first sequence's slot and its KV rows copied to the others.
 Images are encoded once per request at admission; prefill chunks take the embeddings of the placeholders
 they contain.
+
+Prefix caching (engine/prefix_cache.py): before a request's prefill chunk, the pooled KV blocks that continue
+its prompt are copied into its slot and skipped; after each chunk, the prompt's newly computed full blocks are
+pooled. Lookups happen chunk by chunk, so requests that arrive together with one long shared prefix reuse the
+blocks the first of them has just computed.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from omnimini.engine.prefix_cache import PrefixCache, block_keys, image_digest
 from omnimini.engine.sampling import SamplingParams, adjust_logits, make_generator, sample_token
 from omnimini.engine.structured import Constraint, GrammarState
 
@@ -79,6 +85,7 @@ class EngineEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0  # tokens this sequence has produced so far
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (final once decoding has begun)
 
 
 @dataclass
@@ -95,6 +102,7 @@ class GenerationResult:
     request_id: str
     prompt_tokens: int
     completions: list[Completion]
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
     @property
     def completion_tokens(self) -> int:
@@ -106,6 +114,7 @@ class EngineStats:
     requests_total: int = 0
     requests_finished: dict = field(default_factory=dict)  # finish_reason -> count
     prompt_tokens_total: int = 0
+    prompt_tokens_cached_total: int = 0  # of those, served from the prefix cache
     generation_tokens_total: int = 0
     waiting: int = 0
     running: int = 0
@@ -147,6 +156,8 @@ class _Req:
         self.reserve = reserve  # KV tokens reserved while it runs
         self.seqs = [_Seq(self, i, vocab) for i in range(req.n)]
         self.prefilled = 0
+        self.cached_tokens = 0  # prompt tokens copied from the prefix cache
+        self.block_keys: list[bytes] = []  # chain-hash keys of the prompt's full blocks (prefix cache on)
         self.image_embeds: torch.Tensor | None = None  # [n_placeholders, hidden]
         self.t_submit = time.monotonic()
         self.t_first: float | None = None
@@ -162,7 +173,8 @@ class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 16, max_context: int | None = None,
                  kv_budget_tokens: int | None = None, prefill_chunk: int = 256, name: str = "model",
                  threads: int | None = int(os.environ.get("OMNIMINI_ENGINE_THREADS", "1")),
-                 compile_decode: bool = False):
+                 compile_decode: bool = False, prefix_cache_tokens: int | None = None,
+                 prefix_block_size: int = 32):
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch ({max_batch}) and prefill_chunk ({prefill_chunk}) must be >= 1")
         self.model = model.eval()
@@ -183,6 +195,9 @@ class Engine:
         tv = min(tokenizer.vocab_size, self.vocab)
         self._invalid = None if tv >= self.vocab else torch.arange(self.vocab) >= tv
         self.cache = model.new_cache(max_batch, self.max_context)
+        # prefix cache: its own pool beside the slots (default a quarter of the slots' KV budget); 0 turns it off
+        pc = self.kv_budget // 4 if prefix_cache_tokens is None else prefix_cache_tokens
+        self.prefix_cache = PrefixCache(self.cache, pc, prefix_block_size) if pc >= prefix_block_size else None
         self.compile_decode = compile_decode
         self._fast = None  # compiled decode step (fast_decode.FastDecoder), built in the engine thread
         self.ready = threading.Event()  # set once the engine thread serves (after compiling, if asked to)
@@ -239,6 +254,8 @@ class Engine:
         """Queue a request; `sink` is called (from the engine thread) with every EngineEvent."""
         reserve = self.check(req)
         r = _Req(req, sink, self.vocab, reserve)
+        if self.prefix_cache is not None:  # hashed here, in the caller's thread, not the engine's
+            r.block_keys = self._block_keys(req)
         with self._cv:
             if self._closing:
                 raise EngineClosedError("the engine is shutting down")
@@ -355,6 +372,12 @@ class Engine:
             self.stats.waiting = len(self._waiting)
             self.stats.running = len(self._running)
 
+    def _block_keys(self, req: EngineRequest) -> list[bytes]:
+        cfg = self.model.config
+        digests = [image_digest(p) for p in req.pixels] if req.pixels is not None else None
+        tpi = cfg.vision.tokens_per_image if cfg.vision is not None else 0
+        return block_keys(req.prompt_ids, self.prefix_cache.block_size, cfg.image_token_id, digests, tpi)
+
     def _build_fast_decoder(self) -> None:
         """Compile the decode step before serving (requests queue meanwhile); on any failure decode stays eager."""
         from omnimini.engine.fast_decode import FastDecoder, supports
@@ -436,6 +459,7 @@ class Engine:
         for r in self._prefilling:
             if budget <= 0:
                 break
+            self._reuse_prefix(r)
             take = min(len(r.prompt) - r.prefilled, budget)
             batch.append((r, r.prefilled, r.prefilled + take))
             budget -= take
@@ -460,9 +484,27 @@ class Engine:
         logits = self.model.output_head(h[:, None])[:, 0].float()
         for i, (r, _s, e) in enumerate(batch):
             r.prefilled = e
+            if self.prefix_cache is not None:
+                self.prefix_cache.store(self.cache, r.seqs[0].slot, r.block_keys[: e // self.prefix_cache.block_size])
             if e == len(r.prompt):
                 self._prefilling.remove(r)
                 self._start_decoding(r, logits[i])
+
+    def _reuse_prefix(self, r: _Req) -> None:
+        """Copy pooled blocks that continue r's prompt into its slot. At least the last prompt token is always
+        prefilled (its logits start decoding), so a fully pooled prompt still runs one token."""
+        pc = self.prefix_cache
+        if pc is None or r.prefilled % pc.block_size:
+            return
+        if r.prefilled == 0:
+            pc.stats.queried_tokens += len(r.prompt)
+        usable = (len(r.prompt) - 1) // pc.block_size
+        got = pc.load(self.cache, r.seqs[0].slot, r.block_keys, r.prefilled // pc.block_size, usable)
+        if got:
+            r.prefilled += got * pc.block_size
+            r.cached_tokens += got * pc.block_size
+            pc.stats.hit_tokens += got * pc.block_size
+            self.stats.prompt_tokens_cached_total += got * pc.block_size
 
     def _start_decoding(self, r: _Req, logits: torch.Tensor) -> None:
         n = len(r.prompt)
@@ -576,7 +618,8 @@ class Engine:
 
     def _emit(self, s: _Seq, text: str, toks: list[int], lp: list[TokenLogprob], reason: str | None) -> None:
         r = s.req
-        self._safe_sink(r, EngineEvent(r.id, s.index, text, toks, lp, reason, len(r.prompt), len(s.tokens)))
+        self._safe_sink(r, EngineEvent(r.id, s.index, text, toks, lp, reason, len(r.prompt), len(s.tokens),
+                                       cached_tokens=r.cached_tokens))
 
     @staticmethod
     def _safe_sink(r: _Req, ev: EngineEvent) -> None:
@@ -646,12 +689,14 @@ class _Collector:
         self.parts = [{"text": [], "toks": [], "lp": [], "reason": None} for _ in range(req.n)]
         self.error: str | None = None
         self.left = req.n
+        self.cached_tokens = 0
 
     def push(self, ev: EngineEvent) -> None:
         p = self.parts[ev.index]
         p["text"].append(ev.text)
         p["toks"].extend(ev.token_ids)
         p["lp"].extend(ev.logprobs)
+        self.cached_tokens = max(self.cached_tokens, ev.cached_tokens)
         if ev.finish_reason:
             p["reason"] = ev.finish_reason
             if ev.finish_reason == "error":
@@ -666,5 +711,5 @@ class _Collector:
         if self.error:
             raise EngineError(self.error)
         comps = [Completion(i, "".join(p["text"]), p["toks"], p["reason"], p["lp"]) for i, p in enumerate(self.parts)]
-        return GenerationResult(self.req.request_id, len(self.req.prompt_ids), comps)
+        return GenerationResult(self.req.request_id, len(self.req.prompt_ids), comps, self.cached_tokens)
 

@@ -6,6 +6,7 @@ import argparse
 import os
 from dataclasses import dataclass, field
 
+from omnimini.config import QUANTIZE_MODES
 from omnimini.serve.limits import ServeLimits
 
 API_KEY_ENV = "OMNIMINI_API_KEY"
@@ -25,12 +26,14 @@ class ServeConfig:
     kv_budget_tokens: int | None = None
     prefill_chunk: int = 256
     compile_decode: bool = False  # torch.compile the decode step (1-3 min at first start, cached on disk)
+    prefix_cache_tokens: int | None = None  # KV tokens of pooled prompt prefixes (None: engine default, 0: off)
     limits: ServeLimits = field(default_factory=ServeLimits)
     cors_origins: list[str] = field(default_factory=list)
     allow_remote_images: bool = False
     remote_image_timeout_s: float = 10.0
     shutdown_timeout_s: float = 30.0
     log_level: str = "info"
+    state_dir: str | None = None  # stored responses etc.; None: $OMNIMINI_STATE_DIR or ~/.local/share/omnimini
 
     def keys(self) -> set[str]:
         env = os.environ.get(API_KEY_ENV, "")
@@ -54,7 +57,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=d.port)
     p.add_argument("--api-key", action="append", dest="api_keys", default=[],
                    help=f"require this bearer key (repeatable; also env {API_KEY_ENV}, comma-separated)")
-    p.add_argument("--quantize", default=d.quantize, choices=["none", "fp16", "int8", "int4"],
+    p.add_argument("--quantize", default=d.quantize, choices=QUANTIZE_MODES,
                    help="CPU weight format: fp16 (default; greedy outputs as float32), int8 (fastest), none")
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="sequences decoded together")
     p.add_argument("--max-context", type=int, default=d.max_context, help="max tokens per sequence (KV rows)")
@@ -63,6 +66,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", dest="compile_decode",
                    help="compile the decode step with torch.compile (dense models; ~1.5x decode tokens/s; the "
                         "first start compiles for 1-3 min, later starts reuse Inductor's on-disk cache)")
+    p.add_argument("--prefix-cache-tokens", type=int, default=None,
+                   help="KV tokens kept for automatic prompt-prefix caching, LRU (default: a quarter of the KV "
+                        "budget)")
+    p.add_argument("--no-prefix-cache", action="store_true", help="turn automatic prompt-prefix caching off")
     p.add_argument("--max-concurrent", type=int, default=lim.max_concurrent, help="in-flight requests before 429")
     p.add_argument("--max-tokens-limit", type=int, default=lim.max_tokens, help="largest max_tokens accepted")
     p.add_argument("--max-body-bytes", type=int, default=lim.max_body_bytes)
@@ -72,6 +79,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="allow browser requests from this origin (CORS is off by default)")
     p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (off by default)")
     p.add_argument("--log-level", default=d.log_level)
+    p.add_argument("--state-dir", default=None, metavar="DIR",
+                   help="where stored responses live (SQLite; several servers may share it); default "
+                        "$OMNIMINI_STATE_DIR or ~/.local/share/omnimini")
 
 
 def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
@@ -84,5 +94,6 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
                        api_keys=args.api_keys, quantize=args.quantize, max_batch=args.max_batch,
                        max_context=args.max_context, kv_budget_tokens=args.kv_budget_tokens,
                        prefill_chunk=args.prefill_chunk, compile_decode=args.compile_decode, limits=lim,
+                       prefix_cache_tokens=0 if args.no_prefix_cache else args.prefix_cache_tokens,
                        cors_origins=args.cors_origins, allow_remote_images=args.allow_remote_images,
-                       log_level=args.log_level)
+                       log_level=args.log_level, state_dir=args.state_dir)

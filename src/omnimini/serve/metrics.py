@@ -18,6 +18,12 @@ class EngineCollector:
         req = CounterMetricFamily("omnimini_requests", "Generation requests received", labels=["model"])
         fin = CounterMetricFamily("omnimini_requests_finished", "Requests finished", labels=["model", "reason"])
         ptok = CounterMetricFamily("omnimini_prompt_tokens", "Prompt tokens received", labels=["model"])
+        ctok = CounterMetricFamily("omnimini_prompt_tokens_cached", "Prompt tokens served from the prefix cache",
+                                   labels=["model"])
+        pblk = GaugeMetricFamily("omnimini_prefix_cache_blocks", "Prefix-cache KV blocks in use / capacity",
+                                 labels=["model", "kind"])
+        pev = CounterMetricFamily("omnimini_prefix_cache_evicted_blocks", "Prefix-cache blocks evicted (LRU)",
+                                  labels=["model"])
         gtok = CounterMetricFamily("omnimini_generation_tokens", "Tokens generated", labels=["model"])
         wait = GaugeMetricFamily("omnimini_queue_depth", "Requests waiting for a slot", labels=["model"])
         run = GaugeMetricFamily("omnimini_running_sequences", "Sequences in the running batch", labels=["model"])
@@ -30,12 +36,18 @@ class EngineCollector:
                 fin.add_metric([mid, reason], n)
             ptok.add_metric([mid], st.prompt_tokens_total)
             gtok.add_metric([mid], st.generation_tokens_total)
+            ctok.add_metric([mid], st.prompt_tokens_cached_total)
+            pc = served.engine.prefix_cache
+            if pc is not None:
+                pblk.add_metric([mid, "used"], pc.used_blocks)
+                pblk.add_metric([mid, "capacity"], pc.capacity)
+                pev.add_metric([mid], pc.stats.evicted_blocks)
             wait.add_metric([mid], served.engine.queue_depth)
             run.add_metric([mid], st.running)
             buckets = [(str(b), c) for b, c in zip(TTFT_BUCKETS, st.ttft_buckets, strict=True)]
             buckets.append(("+Inf", st.ttft_count))
             ttft.add_metric([mid], buckets, st.ttft_sum)
-        yield from (req, fin, ptok, gtok, wait, run, ttft)
+        yield from (req, fin, ptok, ctok, gtok, wait, run, ttft, pblk, pev)
 
 
 class Metrics:

@@ -130,7 +130,9 @@ def test_quantized_gguf_close_to_float(family):
     assert not torch.equal(got, want)
 
 
-def test_unsupported_architecture_lists_supported(tmp_path):
+def test_unsupported_architecture_lists_supported(tmp_path, capsys):
+    from omnimini.cli import main
+
     w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "mamba")
     w.add_block_count(1)
     w.write_header_to_file()
@@ -140,3 +142,8 @@ def test_unsupported_architecture_lists_supported(tmp_path):
     with pytest.raises(GGUFError, match=r"architecture 'mamba' \(supported: llama, qwen2, qwen3, qwen3moe, phi3, "
                                         r"gemma3\)"):
         load_gguf(tmp_path / "m.gguf", progress=False)
+    for argv in (["generate", "--model", str(tmp_path / "m.gguf"), "hi"],
+                 ["convert", str(tmp_path / "m.gguf"), str(tmp_path / "out")]):
+        assert main(argv) != 0
+        err = capsys.readouterr().err.strip().splitlines()[-1:]  # convert first says what it reads
+        assert err and "'mamba'" in err[0] and "supported: llama, qwen2" in err[0] and "Traceback" not in err[0]

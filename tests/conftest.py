@@ -5,11 +5,15 @@ import pytest
 import torch
 from PIL import Image
 
+from omnimini import kernels
 from omnimini.config import ModelConfig, MoEConfig, VisionConfig
 from omnimini.model import OmniModel
 from omnimini.tokenizer import Tokenizer
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# build (or load) omnimini's CPU kernels now, into the user's cache: a test that points OMNIMINI_CACHE elsewhere
+# must not trigger a second build
+kernels.available()
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,6 +25,18 @@ def shared_data() -> Path:
     if not p.is_dir():
         pytest.skip(f"shared data folder not found at {p} (set OMNIMINI_DATA)")
     return p
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _state_dir(tmp_path_factory):
+    """Servers built by tests keep their state (stored responses) in a temporary folder, never in $HOME."""
+    old = os.environ.get("OMNIMINI_STATE_DIR")
+    os.environ["OMNIMINI_STATE_DIR"] = str(tmp_path_factory.mktemp("state"))
+    yield
+    if old is None:
+        os.environ.pop("OMNIMINI_STATE_DIR", None)
+    else:
+        os.environ["OMNIMINI_STATE_DIR"] = old
 
 
 TEXT = "The quick brown fox jumps over the lazy dog. Omni models see images and read text. " * 40

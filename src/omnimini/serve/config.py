@@ -6,6 +6,7 @@ import argparse
 import os
 from dataclasses import dataclass, field
 
+from omnimini.config import QUANTIZE_MODES
 from omnimini.serve.limits import ServeLimits
 
 API_KEY_ENV = "OMNIMINI_API_KEY"
@@ -32,6 +33,7 @@ class ServeConfig:
     remote_image_timeout_s: float = 10.0
     shutdown_timeout_s: float = 30.0
     log_level: str = "info"
+    state_dir: str | None = None  # stored responses etc.; None: $OMNIMINI_STATE_DIR or ~/.local/share/omnimini
 
     def keys(self) -> set[str]:
         env = os.environ.get(API_KEY_ENV, "")
@@ -55,7 +57,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=d.port)
     p.add_argument("--api-key", action="append", dest="api_keys", default=[],
                    help=f"require this bearer key (repeatable; also env {API_KEY_ENV}, comma-separated)")
-    p.add_argument("--quantize", default=d.quantize, choices=["none", "fp16", "int8", "int4"],
+    p.add_argument("--quantize", default=d.quantize, choices=QUANTIZE_MODES,
                    help="CPU weight format: fp16 (default; greedy outputs as float32), int8 (fastest), none")
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="sequences decoded together")
     p.add_argument("--max-context", type=int, default=d.max_context, help="max tokens per sequence (KV rows)")
@@ -77,6 +79,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="allow browser requests from this origin (CORS is off by default)")
     p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (off by default)")
     p.add_argument("--log-level", default=d.log_level)
+    p.add_argument("--state-dir", default=None, metavar="DIR",
+                   help="where stored responses live (SQLite; several servers may share it); default "
+                        "$OMNIMINI_STATE_DIR or ~/.local/share/omnimini")
 
 
 def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
@@ -91,4 +96,4 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
                        prefill_chunk=args.prefill_chunk, compile_decode=args.compile_decode, limits=lim,
                        prefix_cache_tokens=0 if args.no_prefix_cache else args.prefix_cache_tokens,
                        cors_origins=args.cors_origins, allow_remote_images=args.allow_remote_images,
-                       log_level=args.log_level)
+                       log_level=args.log_level, state_dir=args.state_dir)

@@ -20,7 +20,6 @@ from omnimini.engine.sampling import SamplingParams
 from omnimini.engine.scheduler import Engine, EngineRequest
 from omnimini.model import OmniModel
 
-
 # Gemma 3's options: a sliding layer (own rope base) then a global one, embedding scale, query scale, sandwich
 # norms, GeGLU
 GEMMA_LIKE = dict(sliding_window=8, layer_types=["sliding", "full"], rope_theta=1e6, rope_local_theta=1e4,

@@ -13,11 +13,13 @@ from omnimini.engine.generate import GenRequest, generate  # noqa: E402
 from omnimini.engine.sampling import SamplingParams  # noqa: E402
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "日本の首都は東京です。Café naïve 🙂"]
-UNICODE = ["Hello world, this is a test.", "Café naïve résumé — déjà vu! Ça va?", "日本語のテキストと中文文本，한국어 텍스트",
-           "emoji 🙂🚀👩‍👩‍👧 and 1234567890 3.14159", "   leading spaces and\ttabs\n\nnewlines   ", "a  b   c    d     e",
+UNICODE = ["Hello world, this is a test.", "Café naïve résumé — déjà vu! Ça va?",
+           "日本語のテキストと中文文本，한국어 텍스트", "emoji 🙂🚀👩‍👩‍👧 and 1234567890 3.14159",
+           "   leading spaces and\ttabs\n\nnewlines   ", "a  b   c    d     e",
            "<start_of_turn>user\nhi<end_of_turn>\n", "Ελληνικά, русский, עברית, العربية, हिन्दी, ไทย",
-           "def f(x):\n    return x**2  # comment\n", "\u00a0nbsp\u3000ideographic\u200bzero-width", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ©®™ ½ ⅓",
-           "ﬁ ligature, Å vs Å (NFC vs NFD)", "\r\n\r\nwindows lines", "tab\tseparated\tvalues\t1\t2"]
+           "def f(x):\n    return x**2  # comment\n", "\u00a0nbsp\u3000ideographic\u200bzero-width",
+           "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ©®™ ½ ⅓", "ﬁ ligature, Å vs Å (NFC vs NFD)", "\r\n\r\nwindows lines",
+           "tab\tseparated\tvalues\t1\t2"]
 
 
 @pytest.fixture(scope="module")

@@ -147,3 +147,20 @@ def test_unsupported_architecture_lists_supported(tmp_path, capsys):
         assert main(argv) != 0
         err = capsys.readouterr().err.strip().splitlines()[-1:]  # convert first says what it reads
         assert err and "'mamba'" in err[0] and "supported: llama, qwen2" in err[0] and "Traceback" not in err[0]
+
+
+def test_raw_blocks_are_the_loaded_weights(family):
+    """The raw Q8_0 blocks handed to omnimini's kernels (block_tensors) hold the weights the model loaded: Q/K rows
+    un-permuted only for llama files, Phi-3's fused tensors left out (split at load, no one weight holds them)."""
+    from omnimini.weights.gguf_loader import block_tensors, open_gguf
+
+    name, ref, d, _ = family
+    path = write_gguf_from_hf(d / "blocks.gguf", ref, qtype=gguf.GGMLQuantizationType.Q8_0)
+    model, _ = load_gguf(path, progress=False)
+    raw = block_tensors(open_gguf(path), model.config, ("Q8_0",))
+    params = dict(model.named_parameters())
+    assert "blocks.0.attn.q_proj.weight" in raw or name == "phi3"
+    for key, (kind, blocks, _) in raw.items():
+        assert kind == "q8_0"
+        w = gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType.Q8_0)
+        torch.testing.assert_close(torch.from_numpy(w), params[key].detach(), atol=0, rtol=0)

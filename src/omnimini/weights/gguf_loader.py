@@ -251,15 +251,19 @@ def block_tensors(reader, cfg: ModelConfig, types: tuple[str, ...]) -> dict[str,
     name -> (type name lower-cased, uint8 [rows, bytes per row], GGUF name), Q/K rows in rotate-half order.
     For kernels that use GGUF's blocks as they are (engine/quant.py); experts are not included."""
     out = {}
+    permuted = cfg.arch.removeprefix("gguf:") in PERMUTED_QK
     for t in reader.tensors:
         kind = t.tensor_type.name
         if kind not in types or len(t.shape) != 2 or _EXPS.match(t.name):
             continue
+        m = _BLK.match(t.name)
+        if m and (m[2] == "attn_qkv" or m[2] == "ffn_up" and int(t.shape[1]) == 2 * cfg.intermediate_size):
+            continue  # Phi-3's fused tensors are split at load: no single omnimini weight holds their blocks
         name = _rename(t.name)
         raw = np.asarray(t.data).reshape(int(t.shape[1]), -1)
-        if name.endswith("attn.q_proj.weight"):
+        if permuted and name.endswith("attn.q_proj.weight"):
             raw = unpermute_qk(raw, cfg.num_heads)
-        elif name.endswith("attn.k_proj.weight"):
+        elif permuted and name.endswith("attn.k_proj.weight"):
             raw = unpermute_qk(raw, cfg.num_kv_heads)
         out[name] = (kind.lower(), torch.from_numpy(np.array(raw, dtype=np.uint8)), t.name)  # a copy, not the mmap
     return out

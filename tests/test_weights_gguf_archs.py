@@ -164,3 +164,17 @@ def test_raw_blocks_are_the_loaded_weights(family):
         assert kind == "q8_0"
         w = gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType.Q8_0)
         torch.testing.assert_close(torch.from_numpy(w), params[key].detach(), atol=0, rtol=0)
+
+
+def test_converted_checkpoint_keeps_the_options(family, tmp_path):
+    """`omnimini convert file.gguf DIR`: the new config options and the tokenizer's BOS policy survive the round
+    trip through omnimini's own checkpoint format."""
+    from omnimini.weights.convert import convert, load_any
+
+    _, _, _, path = family
+    model, tok = load_gguf(path, progress=False)
+    again, tok2 = load_any(convert(path, tmp_path / "ck"))
+    assert again.config == model.config and tok2.add_bos_token == tok.add_bos_token
+    ids = torch.arange(3, 30)[None]
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)

@@ -213,3 +213,20 @@ def test_bad_vision_files_name_the_file_and_fall_back_to_text(text_model, tmp_pa
     write_vision_file(good, nan)
     with pytest.raises(VisionWeightsError, match="NaN"):
         read_vision_file(nan)
+
+
+def test_server_registry_serves_text_when_the_vision_file_is_corrupt(text_model, tmp_path, monkeypatch, capsys):
+    from omnimini.serve.registry import load_registry
+
+    bad = tmp_path / "omnimini-vl-vision.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    monkeypatch.setenv("OMNIMINI_VL_VISION", str(bad))
+    reg = load_registry([None], {"gpt-4o-mini": None})
+    try:
+        served = reg.get("gpt-4o-mini")
+        assert served.id == "SmolLM2-135M-Instruct" and served.model.config.vision is None
+        err = capsys.readouterr().err
+        assert str(bad) in err and "serving text only" in err
+    finally:
+        reg.shutdown(wait=False)
+

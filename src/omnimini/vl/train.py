@@ -53,7 +53,7 @@ WARMUP = StageConfig(steps=800, batch=48, lr=2e-3, warmup=40, save_every=100)
 ALIGN = StageConfig(steps=600, batch=8, lr=1e-3, warmup=20, aux_weight=0.5, lm_weight=1.0, save_every=10)
 # image-grounded chat sources of the align stage and their weights (one source per step: similar lengths, little
 # padding). Planning and navigation are left out: their 250-token prompts would cost ~5x a step each (see README).
-MIX = {"shapes_qa": 4, "shapes_caption": 1, "scene_caption": 2, "scene_qa": 4, "pointing": 1}
+MIX = {"shapes_qa": 6, "shapes_caption": 2, "scene_caption": 2, "scene_qa": 3, "pointing": 1}
 
 
 def _seed(*key) -> int:

@@ -93,3 +93,58 @@ def test_missing_preprocessor_config_is_named(llava, tmp_path):
             shutil.copy(f, tmp_path / f.name)
     with pytest.raises(CheckpointError, match="missing preprocessor_config.json"):
         load_hf(tmp_path)
+
+
+# in the style of llava-hf's processor templates: content parts, one <image> per image part
+LLAVA_TEMPLATE = ("{% for message in messages %}{{ message['role'].upper() + ': ' }}"
+                  "{% for part in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}"
+                  "{% endfor %}{% for part in message['content'] | selectattr('type', 'equalto', 'text') %}"
+                  "{{ part['text'] + ' ' }}{% endfor %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+def _llava_tokenizer(d):
+    """Bytes, then fillers, with <image> at the model's image token id and the template above."""
+    import json
+
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers
+
+    from omnimini.tokenizer import BYTE_TO_CHAR
+
+    tok = tokenizers.Tokenizer(models.BPE(vocab={BYTE_TO_CHAR[b]: b for b in range(256)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["</s>"] + [f"<|x{i}|>" for i in range(IMAGE_TOKEN - 257)] + ["<image>"])
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "chat_template": LLAVA_TEMPLATE}))
+
+
+def test_served_with_an_image_through_the_openai_client(llava):
+    """`omnimini serve --model llava_dir`: the image becomes the tower's 16 tokens, the answer is transformers'
+    greedy answer to the same prompt and pixels."""
+    openai = pytest.importorskip("openai")
+    from test_server import LiveServer, free_port, png_url
+
+    from omnimini.images import decode_data_url
+    from omnimini.serve.config import ServeConfig
+    from omnimini.tokenizer import Tokenizer
+
+    ref, d, processor = llava
+    _llava_tokenizer(d)
+    url = png_url(40, 30, (200, 30, 30))
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": "What colour?"}]}]
+    srv = LiveServer(ServeConfig(models=[str(d)], port=free_port(), quantize="none", max_batch=2, max_context=128))
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        out = client.chat.completions.create(model="gpt-4o-mini", messages=messages, max_tokens=8, temperature=0)
+    finally:
+        srv.stop()
+    tok = Tokenizer.from_dir(d)
+    prompt = tok.encode("USER: " + "<image>" * N_IMG + "\nWhat colour? ASSISTANT:")
+    assert out.usage.prompt_tokens == len(prompt) and prompt.count(IMAGE_TOKEN) == N_IMG
+    pixels = processor(decode_data_url(url), return_tensors="pt").pixel_values
+    with torch.no_grad():
+        want = ref.generate(input_ids=torch.tensor([prompt]), pixel_values=pixels, max_new_tokens=8,
+                            min_new_tokens=8, do_sample=False, pad_token_id=0)[0, len(prompt):]
+    assert out.choices[0].message.content == tok.decode(want.tolist())

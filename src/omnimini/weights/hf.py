@@ -312,5 +312,8 @@ def load_hf(path, device="cpu", dtype=torch.float32):
         raise CheckpointError(f"Hugging Face model directory not found: {d}")
     model = load_hf_model(d, device, dtype)
     tok = Tokenizer.from_dir(d)
+    if model.config.arch in VISION_LANGUAGE:  # its template writes one placeholder per image
+        tok.image_token = tok.id_to_token(model.config.image_token_id)
+        tok.expand_image_token = True
     check_vocab(tok, model.config, str(d))
     return model, tok

@@ -178,10 +178,10 @@ class Tokenizer:
         tok = self.hf if allow_special else self._literal_tokenizer()
         return tok.encode(text, add_special_tokens=False).ids
 
-    def encode_prompt(self, text: str) -> list[int]:
-        """A raw (completion) prompt's ids: BOS first when the vocabulary asks for one (add_bos_token), as
-        transformers and llama.cpp do; encode() itself never adds it."""
-        ids = self.encode(text)
+    def encode_prompt(self, text: str, allow_special: bool = True) -> list[int]:
+        """A raw (completion, embedding) prompt's ids: BOS first when the vocabulary asks for one (add_bos_token),
+        as transformers and llama.cpp do; encode() itself never adds it."""
+        ids = self.encode(text, allow_special)
         bos = self.bos_token_id
         if self.add_bos_token and bos is not None and ids[:1] != [bos]:
             ids = [bos] + ids

@@ -230,3 +230,24 @@ def test_server_registry_serves_text_when_the_vision_file_is_corrupt(text_model,
     finally:
         reg.shutdown(wait=False)
 
+
+
+def test_image_adapters_touch_image_positions_only(text_model):
+    """Trained adapters change what an image prompt computes, and not one bit of a text-only prompt."""
+    from omnimini.vl.spec import attach_vision, vl_tokenizer
+
+    model, text_tok = text_model
+    tok = vl_tokenizer(text_tok)
+    vl = attach_vision(model, tok)
+    text_ids = torch.tensor([text_tok.encode_chat([{"role": "user", "content": "Name a colour."}])])
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}]
+    img_ids = torch.tensor([tok.encode_chat(msgs, image_tokens=vl.config.vision.tokens_per_image)])
+    px = torch.nn.functional.interpolate(_full((220, 30, 30))[None], size=vl.config.vision.image_size)
+    with torch.no_grad():
+        before_img = vl(img_ids, pixels=px).logits
+        torch.manual_seed(1)
+        for blk in vl.blocks:
+            blk.image_adapter.up.weight.normal_(std=0.05)
+        torch.testing.assert_close(vl(text_ids).logits, model(text_ids).logits, atol=0, rtol=0)
+        after_img = vl(img_ids, pixels=px).logits
+    assert (after_img - before_img).abs().max() > 1e-3

@@ -41,8 +41,12 @@ class Block(nn.Module):
         # sandwich norms (Gemma 2/3): the attention and MLP outputs are normalised before each residual add
         self.attn_out_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if cfg.sandwich_norm else None
         self.mlp_out_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if cfg.sandwich_norm else None
+        self.image_adapter = ImageAdapter(cfg.hidden_size, cfg.image_adapter_dim, cfg.rms_norm_eps) \
+            if cfg.image_adapter_dim else None
 
-    def forward(self, x, rope, positions, cache, slots, mask):
+    def forward(self, x, rope, positions, cache, slots, mask, image_mask=None):
+        if self.image_adapter is not None and image_mask is not None:
+            x = self.image_adapter(x, image_mask)
         a = self.attn(self.input_norm(x), rope, positions, cache, slots, mask)
         x = x + (a if self.attn_out_norm is None else self.attn_out_norm(a))
         stats = None
@@ -51,6 +55,21 @@ class Block(nn.Module):
         else:
             y = self.mlp(self.post_norm(x))
         return x + (y if self.mlp_out_norm is None else self.mlp_out_norm(y)), stats
+
+
+class ImageAdapter(nn.Module):
+    """x + mask * up(gelu(down(norm(x)))) at image-token positions only; `up` starts at zero, so a new adapter
+    changes nothing until trained."""
+
+    def __init__(self, hidden: int, dim: int, eps: float):
+        super().__init__()
+        self.norm = RMSNorm(hidden, eps)
+        self.down = nn.Linear(hidden, dim)
+        self.up = nn.Linear(dim, hidden)
+
+    def forward(self, x, image_mask):
+        y = self.up(F.gelu(self.down(self.norm(x))))
+        return x + y * image_mask[..., None].to(y.dtype)
 
 
 class OmniModel(nn.Module):
@@ -69,6 +88,12 @@ class OmniModel(nn.Module):
 
     @staticmethod
     def _init(m: nn.Module):
+        if isinstance(m, ImageAdapter):
+            nn.init.normal_(m.down.weight, std=0.02)
+            nn.init.zeros_(m.down.bias)
+            nn.init.zeros_(m.up.weight)
+            nn.init.zeros_(m.up.bias)
+            return
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=0.02)
             if m.bias is not None:
@@ -129,11 +154,15 @@ class OmniModel(nn.Module):
         rope = self.rotary(positions)
         rope_local = rope if self.rotary_local is None else self.rotary_local(positions)
         stats = []
+        image_mask = None
+        if self.config.image_adapter_dim and self.config.image_token_id is not None:
+            image_mask = input_ids == self.config.image_token_id
+            image_mask = image_mask if bool(image_mask.any()) else None  # text only: the adapters do not run
         for blk in self.blocks:
             if blk.sliding:
-                x, s = blk(x, rope_local, positions, cache, slots, window_mask)
+                x, s = blk(x, rope_local, positions, cache, slots, window_mask, image_mask)
             else:
-                x, s = blk(x, rope, positions, cache, slots, mask)
+                x, s = blk(x, rope, positions, cache, slots, mask, image_mask)
             if s is not None:
                 stats.append(s)
         h = self.norm(x)

@@ -57,36 +57,48 @@ def vl_tokenizer(text_tok):
                      image_start=IMAGE_START, image_end=IMAGE_END)
 
 
+ADAPTER_DIM = 64  # image-position adapter width per block (model.ImageAdapter): 2.2M parameters over 30 blocks
+
+
 def vl_config(text_cfg: ModelConfig, tok) -> ModelConfig:
-    return replace(text_cfg, vision=replace(VISION), image_token_id=tok.image_token_id)
+    return replace(text_cfg, vision=replace(VISION), image_token_id=tok.image_token_id, image_adapter_dim=ADAPTER_DIM)
 
 
-def attach_vision(text_model, tok, vision_state: dict | None = None, where: str = "vision weights"):
-    """A new OmniModel sharing the text model's tensors, with a vision encoder (random init, or `vision_state`:
-    the `vision.*` tensors without their prefix)."""
-    from omnimini.model.model import OmniModel
+def is_vl_tensor(name: str) -> bool:
+    """The tensors omnimini-vl adds to the text model: the vision encoder + projector and the image adapters."""
+    return name.startswith("vision.") or ".image_adapter." in name
+
+
+def attach_vision(text_model, tok, vl_state: dict | None = None, where: str = "vision weights"):
+    """A new OmniModel sharing the text model's tensors, plus a vision encoder and image adapters: freshly
+    initialised, or from `vl_state` (the `is_vl_tensor` tensors, full names)."""
+    from omnimini.model.model import ImageAdapter, OmniModel
     from omnimini.model.vision import VisionEncoder
 
     cfg = vl_config(text_model.config, tok)
     with torch.device("meta"):
-        model = OmniModel(replace(cfg, vision=None))
+        model = OmniModel(replace(cfg, vision=None, image_adapter_dim=0))
     model.load_state_dict(text_model.state_dict(), assign=True, strict=True)
     model.rotary.inv_freq = text_model.rotary.inv_freq
     model.config = cfg
     dtype = text_model.embed.weight.dtype
-    vision = VisionEncoder(cfg.vision, cfg.hidden_size)
-    if vision_state is None:
-        vision.apply(OmniModel._init)
-        torch.nn.init.constant_(vision.proj_norm.weight, cfg.vision.token_scale)
-    else:
-        expected = vision.state_dict()
-        bad = [k for k in expected if k not in vision_state or vision_state[k].shape != expected[k].shape]
-        extra = [k for k in vision_state if k not in expected]
+    model.vision = VisionEncoder(cfg.vision, cfg.hidden_size)
+    for blk in model.blocks:
+        blk.image_adapter = ImageAdapter(cfg.hidden_size, cfg.image_adapter_dim, cfg.rms_norm_eps)
+    fresh = [model.vision, *(blk.image_adapter for blk in model.blocks)]
+    for m in fresh:
+        m.apply(OmniModel._init)
+    torch.nn.init.constant_(model.vision.proj_norm.weight, cfg.vision.token_scale)
+    if vl_state is not None:
+        expected = {k: v for k, v in model.state_dict().items() if is_vl_tensor(k)}
+        bad = [k for k in expected if k not in vl_state or vl_state[k].shape != expected[k].shape]
+        extra = [k for k in vl_state if k not in expected]
         if bad or extra:
-            raise VisionWeightsError(f"{where}: does not fit omnimini-vl's vision encoder "
+            raise VisionWeightsError(f"{where}: does not fit omnimini-vl's vision encoder and adapters "
                                      f"({'mismatched ' + bad[0] if bad else 'unexpected ' + extra[0]})")
-        vision.load_state_dict(vision_state)
-    model.vision = vision.to(dtype)
+        model.load_state_dict(vl_state, strict=False)
+    for m in fresh:
+        m.to(dtype)
     return model.eval()
 
 
@@ -107,12 +119,12 @@ def read_vision_file(path: Path = VISION_FILE) -> dict[str, torch.Tensor]:
 
 
 def write_vision_file(model, path: Path) -> None:
-    """The vision encoder + projector as float16 safetensors (written to a temporary name, then renamed)."""
+    """The vision encoder + projector + image adapters as float16 safetensors (temporary name, then renamed)."""
     import os
 
     from safetensors.torch import save_file
 
-    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.vision.state_dict().items()}
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items() if is_vl_tensor(k)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file(state, str(tmp), metadata={"format": "pt", "model": VL_NAME})

@@ -341,7 +341,8 @@ def export(out: Path, target: Path) -> Path:
         raise FileNotFoundError(f"{out}: no stage checkpoint ({', '.join(STAGES)}) to export")
     text_model, text_tok = load_any(TEXT_MODEL_NAME)
     model = spec.attach_vision(text_model, spec.vl_tokenizer(text_tok))
-    load_vl_state(model, torch.load(ckpt, weights_only=False))
+    st = torch.load(ckpt, weights_only=False)
+    load_vl_state(model, st)
     spec.write_vision_file(model, target)
     print(f"omnimini-vl: exported {ckpt.name} step {st['step']} to {target}", file=sys.stderr)
     return target

@@ -259,3 +259,23 @@ def test_unknown_ids_404(server):
                          ("GET", "/v1/responses/resp_missing/input_items")):
         r = post(server, None, path, method)
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def test_full_store_is_a_clear_error_and_keeps_earlier_data(server, client):
+    kept = client.responses.create(model="main", input="keep me", max_output_tokens=2)
+    db = server.app.state.store._db
+    pages = db.execute("PRAGMA page_count").fetchone()[0]
+    db.execute(f"PRAGMA max_page_count = {pages}")  # SQLite's own "database or disk is full" from here on
+    try:
+        big = {"model": "main", "input": "x", "max_output_tokens": 1, "metadata": {"note": "x" * 20000}}
+        r = post(server, big)
+        assert r.status_code == 500 and r.json()["error"]["code"] == "store_error", r.text
+        assert "full" in r.json()["error"]["message"]
+        streamed = httpx.post(server.url + "/v1/responses", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                              json={**big, "stream": True})
+        assert '"type": "error"' in streamed.text and "response.failed" in streamed.text
+        # not stored, nothing else lost, and the server keeps answering (store=false needs no space)
+        assert client.responses.retrieve(kept.id).id == kept.id
+        assert client.responses.create(model="main", input="hi", max_output_tokens=1, store=False).status
+    finally:
+        db.execute("PRAGMA max_page_count = 1073741823")

@@ -15,6 +15,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
 from omnimini.engine.scheduler import EngineError, EngineRequest
+from omnimini.serve import embeddings as E
 from omnimini.serve import generation as G
 from omnimini.serve import protocol as P
 from omnimini.serve.config import ServeConfig, add_serve_args, serve_config_from_args
@@ -25,7 +26,7 @@ from omnimini.serve.prepare import PreparedChat, prepare_chat, prepare_completio
 from omnimini.serve.registry import ModelRegistry, ServedModel, load_registry
 from omnimini.serve.responses_routes import install_responses
 from omnimini.serve.responses_store import ResponseStore
-from omnimini.serve.store import Store
+from omnimini.serve.store import Store, StoreError
 
 __all__ = ["ServeConfig", "add_serve_args", "build_app", "run_server", "serve_config_from_args"]
 
@@ -61,14 +62,16 @@ class _CountRequests:
 
 
 def build_app(config: ServeConfig, registry: ModelRegistry | None = None) -> FastAPI:
+    try:  # before loading models: a bad --state-dir should fail in a second, not after the weights
+        store = Store(config.state_dir)
+    except StoreError as e:
+        raise ValueError(f"--state-dir: {e}") from None
     registry = registry or load_registry(
         config.models, config.aliases, config.quantize, max_batch=config.max_batch,
         max_context=config.max_context, kv_budget_tokens=config.kv_budget_tokens, prefill_chunk=config.prefill_chunk,
         compile_decode=config.compile_decode, prefix_cache_tokens=config.prefix_cache_tokens)
     limiter = ConcurrencyLimiter(config.limits.max_concurrent, config.limits.retry_after_s)
     metrics = Metrics(registry)
-
-    store = Store(config.state_dir)
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -162,6 +165,23 @@ def build_app(config: ServeConfig, registry: ModelRegistry | None = None) -> Fas
             return await _completion_full(served, reqs, body, request)
         finally:
             lease.release()
+
+    embedders: dict[str, E.Embedder] = {}
+
+    @app.post("/v1/embeddings", dependencies=[Depends(auth)])
+    async def embeddings(request: Request):
+        body = await parse_body(request, E.EmbeddingsRequest)
+        served = registry.get(body.model)
+        E.check_dimensions(body.dimensions, served.model.config.hidden_size)
+        inputs = E.token_inputs(body, served.tokenizer, served.context)
+        embed = embedders.setdefault(served.id, E.Embedder(served.model, served.engine.pad_id))
+        lease = G.Lease(limiter)
+        try:
+            vecs = await asyncio.to_thread(embed, inputs)
+        finally:
+            lease.release()
+        return E.embeddings_response(body.model, E.shape_vectors(vecs, body.dimensions), body.encoding_format,
+                                     sum(len(x) for x in inputs))
 
     install_responses(app, auth, ResponseStore(store))
     return app

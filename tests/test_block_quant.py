@@ -177,3 +177,39 @@ def test_auto_mode_and_block_embedding(tmp_path):
     assert isinstance(emb, BlockEmbedding) and emb.blocks is model.lm_head.blocks
     ids = torch.tensor([[5, 3, 258], [0, 7, 7]])
     torch.testing.assert_close(emb(ids), B.dequantize(model.lm_head.blocks, "q4_1")[ids], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_default_model_greedy_answers_vs_llama_cpp():
+    """The 5 fixed prompts, 24 greedy tokens: omnimini's kernels on the Q4_1 file vs llama.cpp on the same file.
+
+    Measured 2/5 identical (and the first 7-21 tokens shared on two more). These prompts hold near-ties (top-2
+    logit gaps down to 0.012): the same file dequantized to float32 agrees with llama.cpp on 1/5 only, so exact
+    agreement needs llama.cpp's own rounding everywhere (its float16 KV cache and attention inputs too); rounding
+    our activation scales to float16 as its q8 blocks do was tried and gave 1/5."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from smollm2_prompts import PROMPTS
+
+    from omnimini.engine.generate import GenRequest, generate
+    from omnimini.engine.sampling import SamplingParams
+    from omnimini.runtime import load_for_inference
+    from omnimini.weights.default import default_gguf
+
+    model, tok = load_for_inference(None, quantize="auto")
+    llm = llama_cpp.Llama(model_path=str(default_gguf()), n_threads=2, n_ctx=512, verbose=False)
+    matches = 0
+    for p in PROMPTS:
+        ids = tok.encode(tok.render_chat([{"role": "user", "content": p}]))
+        ours = generate(model, [GenRequest(ids, SamplingParams(temperature=0, max_tokens=24))], tok.eos_token_ids)[0]
+        theirs = []
+        for t in llm.generate(ids, temp=0.0, reset=True):  # as generate(): stop before EOS, at most 24 tokens
+            if int(t) in tok.eos_token_ids:
+                break
+            theirs.append(int(t))
+            if len(theirs) == 24:
+                break
+        matches += ours == theirs
+        print(f"\n{p!r}: {'same' if ours == theirs else 'differs'}\n  omnimini:  {tok.decode(ours)!r}\n"
+              f"  llama.cpp: {tok.decode(theirs)!r}")
+    print(f"\ngreedy 24-token answers identical to llama.cpp's: {matches}/5")
+    assert matches >= 2

@@ -240,6 +240,8 @@ def quantize_model(model, mode: str = "int8", calib_ids: list[int] | None = None
         raise QuantizeError(f"{mode} quantization uses fbgemm CPU kernels: load the model on cpu (on GPU use bf16)")
     if model.training:
         raise QuantizeError("quantize_model is for inference; call model.eval() first")
+    if mode in BLOCK_MODES:
+        kernels.available()  # build (or load) the kernels now, while loading, not inside the first request
     linear = BlockLinears(mode, native) if mode in BLOCK_MODES else LINEARS[mode]
     if mode == "int8" and calib_ids:
         from omnimini.engine.smooth import smooth_model

@@ -78,6 +78,8 @@ def _run(args) -> int:
 
     if not args.tasks:
         raise EvalError("--tasks is required, e.g. --tasks mmlu,gpqa_diamond,scene_qa")
+    if args.limit is not None and args.limit < 1:
+        raise EvalError(f"--limit must be a positive number of items per subject, got {args.limit}")
     tasks = get_tasks(args.tasks)  # validate names before starting a model
     controls = _image_controls(args.image_control)
     client = make_client(args)

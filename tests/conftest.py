@@ -23,6 +23,18 @@ def shared_data() -> Path:
     return p
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _state_dir(tmp_path_factory):
+    """Servers built by tests keep their state (stored responses) in a temporary folder, never in $HOME."""
+    old = os.environ.get("OMNIMINI_STATE_DIR")
+    os.environ["OMNIMINI_STATE_DIR"] = str(tmp_path_factory.mktemp("state"))
+    yield
+    if old is None:
+        os.environ.pop("OMNIMINI_STATE_DIR", None)
+    else:
+        os.environ["OMNIMINI_STATE_DIR"] = old
+
+
 TEXT = "The quick brown fox jumps over the lazy dog. Omni models see images and read text. " * 40
 
 

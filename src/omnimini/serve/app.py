@@ -19,12 +19,17 @@ from pydantic import BaseModel, ValidationError
 from omnimini.engine.scheduler import EngineError, EngineEvent, EngineRequest
 from omnimini.engine.tools import ToolStreamParser, parse_tool_calls
 from omnimini.serve import protocol as P
+from omnimini.serve.batch_routes import install_batch_api
+from omnimini.serve.batch_runner import BatchRunner
+from omnimini.serve.batch_store import BatchStore
 from omnimini.serve.config import ServeConfig, add_serve_args, serve_config_from_args
 from omnimini.serve.errors import APIError, install_handlers, validation_error
+from omnimini.serve.files import FileStore
 from omnimini.serve.limits import BodySizeLimit, ConcurrencyLimiter
 from omnimini.serve.metrics import Metrics
 from omnimini.serve.prepare import PreparedChat, prepare_chat, prepare_completion
 from omnimini.serve.registry import ModelRegistry, ServedModel, load_registry
+from omnimini.serve.store import Store
 
 __all__ = ["ServeConfig", "add_serve_args", "build_app", "run_server", "serve_config_from_args"]
 
@@ -80,11 +85,17 @@ def build_app(config: ServeConfig, registry: ModelRegistry | None = None) -> Fas
         compile_decode=config.compile_decode, prefix_cache_tokens=config.prefix_cache_tokens)
     limiter = ConcurrencyLimiter(config.limits.max_concurrent, config.limits.retry_after_s)
     metrics = Metrics(registry)
+    store = Store(config.state_dir)
+    files, batches = FileStore(store), BatchStore(store)
+    runner: BatchRunner | None = None
 
     @asynccontextmanager
     async def lifespan(_app):
+        runner.start()  # resumes batches a previous run left unfinished
         yield
+        await runner.stop()
         await asyncio.to_thread(registry.shutdown, True, config.shutdown_timeout_s)
+        store.close()
 
     app = FastAPI(title="omnimini", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.registry, app.state.config, app.state.limiter = registry, config, limiter
@@ -92,7 +103,8 @@ def build_app(config: ServeConfig, registry: ModelRegistry | None = None) -> Fas
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
-    app.add_middleware(BodySizeLimit, limit=config.limits.max_body_bytes)
+    upload_limit = config.limits.max_file_bytes + 64 * 1024  # the file plus its multipart envelope
+    app.add_middleware(BodySizeLimit, limit=config.limits.max_body_bytes, paths={"/v1/files": upload_limit})
 
     keys = config.keys()
 
@@ -172,6 +184,10 @@ def build_app(config: ServeConfig, registry: ModelRegistry | None = None) -> Fas
         finally:
             lease.release()
 
+    keys_list = sorted(keys)
+    runner = BatchRunner(app, batches, files, config.batch_concurrency, keys_list[0] if keys_list else None)
+    install_batch_api(app, auth, files, batches, runner, registry, config.limits.max_file_bytes,
+                      config.limits.max_batch_lines)
     return app
 
 

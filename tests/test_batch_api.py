@@ -81,7 +81,7 @@ def jsonl(client, file_id: str) -> list[dict]:
     return [json.loads(x) for x in client.files.content(file_id).text.splitlines() if x.strip()]
 
 
-def test_twenty_line_batch_completes_with_every_custom_id(client):
+def test_twenty_line_batch_completes_with_every_custom_id(client, server):
     f = upload(client, [chat_line(f"req-{i}", f"question {i}") for i in range(20)])
     assert f.purpose == "batch" and f.bytes > 0 and client.files.retrieve(f.id).id == f.id
     b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h",
@@ -98,6 +98,7 @@ def test_twenty_line_batch_completes_with_every_custom_id(client):
         body = o["response"]["body"]
         assert body["object"] == "chat.completion" and body["usage"]["completion_tokens"] >= 1
     assert client.files.retrieve(b.output_file_id).purpose == "batch_output"
+    assert _metric(server.url, "omnimini_background_requests_total") >= 20  # batch lines ran at background priority
 
 
 def test_malformed_lines_fail_alone_in_the_error_file(client):
@@ -230,9 +231,9 @@ def _serve(model_dir, state, port) -> subprocess.Popen:
     raise AssertionError("server did not start")
 
 
-def _requests_total(url: str) -> float:
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith("omnimini_requests_total"):
+def _metric(url: str, name: str) -> float:
+    for line in httpx.get(url.rstrip("/") + "/metrics").text.splitlines():
+        if line.startswith(name + "{"):
             return float(line.split()[-1])
     return 0.0
 
@@ -263,7 +264,25 @@ def test_server_killed_mid_batch_resumes_and_answers_each_line_once(tok, tmp_pat
         assert b.status == "completed" and b.request_counts.completed == 16
         out = jsonl(client, b.output_file_id)
         assert sorted(o["custom_id"] for o in out) == sorted(f"k{i}" for i in range(16))  # each exactly once
-        assert _requests_total(f"http://127.0.0.1:{port}") == 16 - before  # finished lines were not redone
+        # the restarted server ran only the lines that had no answer yet
+        assert _metric(f"http://127.0.0.1:{port}", "omnimini_requests_total") == 16 - before
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_a_failed_file_write_leaves_no_record_and_no_partial_file(tmp_path, monkeypatch):
+    from omnimini.serve.files import FileStore, FileWriteError
+    from omnimini.serve.store import Store
+
+    files = FileStore(Store(tmp_path))
+    kept = files.put(b'{"a": 1}\n', "a.jsonl", "batch")
+
+    def full_disk(*_a, **_k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(FileWriteError, match="No space left"):
+        files.put(b"x" * 1000, "b.jsonl", "batch")
+    assert [f.id for f in files.list()] == [kept.id] and files.read(kept.id) == b'{"a": 1}\n'
+    assert sorted(p.name for p in files.dir.iterdir()) == [kept.id]  # the temporary file was removed

@@ -132,6 +132,7 @@ class GenerationResult:
 @dataclass
 class EngineStats:
     requests_total: int = 0
+    background_requests_total: int = 0  # of those, submitted at background priority (batch lines)
     requests_finished: dict = field(default_factory=dict)  # finish_reason -> count
     prompt_tokens_total: int = 0
     prompt_tokens_cached_total: int = 0  # of those, served from the prefix cache
@@ -284,6 +285,7 @@ class Engine:
                 raise EngineClosedError("the engine is shutting down")
             self._inbox.append(r)
             self.stats.requests_total += 1
+            self.stats.background_requests_total += req.priority > 0
             self.stats.prompt_tokens_total += len(r.prompt)
             self._cv.notify()
         return req.request_id

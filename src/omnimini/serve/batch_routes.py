@@ -28,6 +28,12 @@ def served_endpoints(app: FastAPI) -> list[str]:
     return [e for e in BATCH_ENDPOINTS if e in posts]
 
 
+def _page(data: list[dict], has_more: bool) -> dict:
+    """OpenAI's cursor page: the client asks for the next one with after=last_id while has_more."""
+    return {"object": "list", "data": data, "has_more": has_more,
+            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+
+
 def _not_found(kind: str, oid: str, param: str) -> APIError:
     return APIError(404, f"No such {kind}: '{oid}'", param=param, code=None)
 
@@ -49,9 +55,7 @@ def install_batch_api(app: FastAPI, auth, files: FileStore, batches: BatchStore,
 
     @app.get("/v1/files", dependencies=dep)
     async def list_files(purpose: str | None = None, limit: int = Query(10_000, ge=1, le=10_000)):
-        data = [f.to_openai() for f in files.list(purpose, limit)]
-        return {"object": "list", "data": data, "has_more": False,
-                "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+        return _page([f.to_openai() for f in files.list(purpose, limit)], False)
 
     @app.get("/v1/files/{file_id}", dependencies=dep)
     async def get_file(file_id: str):
@@ -94,9 +98,7 @@ def install_batch_api(app: FastAPI, auth, files: FileStore, batches: BatchStore,
     @app.get("/v1/batches", dependencies=dep)
     async def list_batches(after: str | None = None, limit: int = Query(20, ge=1, le=100)):
         rows, more = batches.page(after, limit)
-        data = [batches.to_openai(r) for r in rows]
-        return {"object": "list", "data": data, "has_more": more,
-                "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+        return _page([batches.to_openai(r) for r in rows], more)
 
     @app.get("/v1/batches/{batch_id}", dependencies=dep)
     async def get_batch(batch_id: str):

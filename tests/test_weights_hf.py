@@ -33,6 +33,15 @@ def _configs():
         "qwen3_moe": T.Qwen3MoeConfig(**COMMON, **MOE, intermediate_size=96, moe_intermediate_size=32,
                                       num_experts=6, head_dim=16),
         "olmoe": T.OlmoeConfig(**{**COMMON, **MOE, "norm_topk_prob": False}, intermediate_size=32, num_experts=6),
+        # sliding windows shorter than the 20-token prompts (and the 32 generated tokens)
+        "mistral": T.MistralConfig(**COMMON, intermediate_size=96, head_dim=16, sliding_window=6),
+        "phi3": T.Phi3Config(**COMMON, intermediate_size=96, sliding_window=8, pad_token_id=0, eos_token_id=1),
+        "gemma3_text": T.Gemma3TextConfig(
+            **{**COMMON, "num_hidden_layers": 4}, intermediate_size=96, head_dim=16, query_pre_attn_scalar=24,
+            sliding_window=5, layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                                           "full_attention"],
+            rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                             "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}}),
     }
 
 
@@ -55,6 +64,10 @@ def write_tokenizer(d, vocab_limit=None):
 def _save(tmp_path, family):
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(_configs()[family]).eval()
+    with torch.no_grad():  # norms start at one (Gemma: zero): make each one's weights matter
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.2)
     model.generation_config.eos_token_id = None
     model.save_pretrained(tmp_path)
     write_tokenizer(tmp_path)

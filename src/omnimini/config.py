@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+ACTIVATIONS = ("silu", "gelu_tanh")  # the gated MLP's activation functions (model/layers.py)
+
 
 class ConfigError(ValueError):
     """A configuration that cannot describe a model (sizes that do not divide, unknown preset...)."""
@@ -72,6 +74,15 @@ class ModelConfig:
     qk_norm: str = "none"  # "none" | "head" (Qwen3: per head) | "full" (OLMoE: over all heads)
     attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
     tie_embeddings: bool = False
+    # Gemma-style options (all off by default):
+    hidden_act: str = "silu"  # the gated MLP's activation: "silu" (SwiGLU) | "gelu_tanh" (GeGLU, Gemma)
+    embed_scale: float = 1.0  # token embeddings are multiplied by this (Gemma: sqrt(hidden_size))
+    attn_scale: float | None = None  # softmax scale of q.k; None -> 1/sqrt(head_dim) (Gemma 3: query_pre_attn_scalar)
+    sandwich_norm: bool = False  # Gemma 2/3: RMSNorm on the attention and MLP outputs before each residual add
+    # Sliding-window attention (Mistral, Phi-3, Gemma 3): a query at position p sees keys at p-window+1..p
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None  # per layer "full" | "sliding"; None: every layer slides when a window is set
+    rope_local_theta: float | None = None  # rope base of sliding layers (Gemma 3: 10000, unscaled); None: rope_theta
     moe: MoEConfig | None = None
     vision: VisionConfig | None = None
     image_token_id: int | None = None  # placeholder id the vision features replace
@@ -88,6 +99,12 @@ class ModelConfig:
     def dim_head(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
 
+    def layer_slides(self, i: int) -> bool:
+        """Whether layer i uses sliding-window attention."""
+        if self.sliding_window is None:
+            return False
+        return self.layer_types is None or self.layer_types[i] == "sliding"
+
     def layer_is_moe(self, i: int) -> bool:
         return self.moe is not None and i >= self.moe.first_k_dense
 
@@ -98,6 +115,14 @@ class ModelConfig:
             raise ConfigError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
         if self.qk_norm not in ("none", "head", "full"):
             raise ConfigError(f"qk_norm must be none|head|full, got {self.qk_norm!r}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ConfigError(f"hidden_act must be one of {', '.join(ACTIVATIONS)}, got {self.hidden_act!r}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ConfigError(f"sliding_window must be >= 1, got {self.sliding_window}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers or set(self.layer_types) - {"full", "sliding"}:
+                raise ConfigError(f"layer_types must list 'full' or 'sliding' for each of the {self.num_layers} "
+                                  f"layers, got {self.layer_types}")
         if self.moe is not None:
             m = self.moe
             if not 1 <= m.top_k <= m.num_experts:
@@ -206,7 +231,7 @@ def param_counts(cfg: ModelConfig) -> dict:
     q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
     attn = h * (q + 2 * kv) + q * h + (q + 2 * kv if cfg.attention_bias else 0)
     attn += {"none": 0, "head": 2 * d, "full": q + kv}[cfg.qk_norm]
-    norms = 2 * h
+    norms = (4 if cfg.sandwich_norm else 2) * h
     c = {"embeddings": cfg.vocab_size * h, "lm_head": 0 if cfg.tie_embeddings else cfg.vocab_size * h,
          "attention": cfg.num_layers * (attn + norms) + h, "dense_mlp": 0, "experts": 0, "experts_active": 0,
          "shared_experts": 0, "router": 0, "vision": 0}

@@ -64,6 +64,13 @@ def supports(model) -> str | None:
         return "the compiled decode step targets CPU"
     if cfg.qk_norm not in (None, "none", "head", "full"):
         return f"qk_norm {cfg.qk_norm!r}"
+    # the Gemma-style options are not written into the compiled step (yet): such models decode eagerly
+    gemma_like = {"sliding_window": cfg.sliding_window is not None, "sandwich_norm": cfg.sandwich_norm,
+                  "embed_scale": cfg.embed_scale != 1.0, "attn_scale": cfg.attn_scale is not None,
+                  f"hidden_act {cfg.hidden_act}": cfg.hidden_act != "silu"}
+    unsupported = [name for name, on in gemma_like.items() if on]
+    if unsupported:
+        return f"the compiled step does not implement {', '.join(unsupported)}"
     return None
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omnimini.model.layers import Attention, SwiGLU
+from omnimini.model.layers import ACTIVATION_FNS, Attention, SwiGLU
 from omnimini.model.moe import MoE
 
 MODES = ("none", "int8", "fp16", "int4")
@@ -124,19 +124,21 @@ class Fp16Linear(PackedLinear):
 class QuantSwiGLU(nn.Module):
     """SwiGLU with gate and up fused into one quantized matmul (one weight read, one call)."""
 
-    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, linear=Int8Linear):
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, linear=Int8Linear,
+                 act: str = "silu"):
         super().__init__()
         self.inter = gate.shape[0]
         self.gate_up = linear(torch.cat([gate, up]))
         self.down_proj = linear(down)
+        self.act_name, self.act = act, ACTIVATION_FNS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gu = self.gate_up(x)
-        return self.down_proj(F.silu(gu[..., : self.inter]) * gu[..., self.inter:])
+        return self.down_proj(self.act(gu[..., : self.inter]) * gu[..., self.inter:])
 
     @classmethod
     def from_swiglu(cls, m: SwiGLU, linear=Int8Linear) -> QuantSwiGLU:
-        return cls(m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight, linear)
+        return cls(m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight, linear, m.act_name)
 
 
 class QuantExperts(nn.Module):

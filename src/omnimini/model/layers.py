@@ -26,10 +26,12 @@ class RMSNorm(nn.Module):
         return (xf * self.weight.float()).to(x.dtype)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
+    """Inverse frequencies of the rotary angles; local=True: the sliding layers' own unscaled base (Gemma 3)."""
     d = cfg.dim_head
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-    sc = cfg.rope_scaling or {}
+    theta = cfg.rope_local_theta if local else cfg.rope_theta
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    sc = {} if local else cfg.rope_scaling or {}
     kind = sc.get("rope_type", sc.get("type"))
     if kind == "linear":
         inv = inv / sc["factor"]
@@ -50,9 +52,14 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 class Rotary(nn.Module):
     """Rotate-half RoPE (the Llama/HF convention); cos/sin are looked up per position so batches may differ."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, local: bool = False):
         super().__init__()
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.cfg, self.local = cfg, local
+        self.register_buffer("inv_freq", rope_inv_freq(cfg, local), persistent=False)
+
+    def reset(self, device=None) -> None:
+        """Recompute the (non-persistent) frequencies, e.g. after building the model on the meta device."""
+        self.inv_freq = rope_inv_freq(self.cfg, self.local).to(device)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[..., None] * self.inv_freq  # [B, T, D/2]
@@ -97,6 +104,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.kvh * self.d, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=False)
         self.qkv = None  # the engine may fuse q/k/v into one (quantized) matmul: one call, one read of x
+        self.scale = cfg.attn_scale  # None: SDPA's 1/sqrt(head_dim)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps), RMSNorm(self.d, cfg.rms_norm_eps)
@@ -123,9 +131,9 @@ class Attention(nn.Module):
             k, v = self._cache_update(cache, k, v, positions, slots)
         gqa = self.h != self.kvh
         if attn_mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa, scale=self.scale)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa, scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.h * self.d))
 
     def _cache_update(self, cache: KVCache, k, v, positions, slots):
@@ -140,12 +148,23 @@ class Attention(nn.Module):
         return kc[slots, :, :kv_len], vc[slots, :, :kv_len]
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+# the gated MLP's activation by config name (config.ACTIVATIONS)
+ACTIVATION_FNS = {"silu": F.silu, "gelu_tanh": gelu_tanh}
+
+
 class SwiGLU(nn.Module):
-    def __init__(self, hidden: int, inter: int):
+    """Gated MLP down(act(gate(x)) * up(x)): SwiGLU with silu (the default), GeGLU with gelu_tanh (Gemma)."""
+
+    def __init__(self, hidden: int, inter: int, act: str = "silu"):
         super().__init__()
         self.gate_proj = nn.Linear(hidden, inter, bias=False)
         self.up_proj = nn.Linear(hidden, inter, bias=False)
         self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.act_name, self.act = act, ACTIVATION_FNS[act]
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

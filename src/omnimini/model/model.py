@@ -31,16 +31,26 @@ class Block(nn.Module):
         super().__init__()
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.attn = Attention(cfg, i)
-        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # the norm before the MLP
         self.is_moe = cfg.layer_is_moe(i)
-        self.mlp = MoE(cfg.hidden_size, cfg.moe) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.sliding = cfg.layer_slides(i)  # sliding-window attention: the model hands this layer the window mask
+        if self.is_moe:
+            self.mlp = MoE(cfg.hidden_size, cfg.moe)
+        else:
+            self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
+        # sandwich norms (Gemma 2/3): the attention and MLP outputs are normalised before each residual add
+        self.attn_out_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if cfg.sandwich_norm else None
+        self.mlp_out_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if cfg.sandwich_norm else None
 
     def forward(self, x, rope, positions, cache, slots, mask):
-        x = x + self.attn(self.input_norm(x), rope, positions, cache, slots, mask)
+        a = self.attn(self.input_norm(x), rope, positions, cache, slots, mask)
+        x = x + (a if self.attn_out_norm is None else self.attn_out_norm(a))
+        stats = None
         if self.is_moe:
             y, stats = self.mlp(self.post_norm(x))
-            return x + y, stats
-        return x + self.mlp(self.post_norm(x)), None
+        else:
+            y = self.mlp(self.post_norm(x))
+        return x + (y if self.mlp_out_norm is None else self.mlp_out_norm(y)), stats
 
 
 class OmniModel(nn.Module):
@@ -52,6 +62,8 @@ class OmniModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg)
+        # sliding layers with their own rope base (Gemma 3) get their own angles; otherwise they share these
+        self.rotary_local = Rotary(cfg, local=True) if cfg.rope_local_theta is not None else None
         self.vision = VisionEncoder(cfg.vision, cfg.hidden_size) if cfg.vision else None
         self.apply(self._init)
 
@@ -74,6 +86,8 @@ class OmniModel(nn.Module):
 
     def embed_inputs(self, input_ids, pixels=None, image_embeds=None) -> torch.Tensor:
         x = self.embed(input_ids)
+        if self.config.embed_scale != 1.0:
+            x = x * self.config.embed_scale
         if pixels is not None:
             image_embeds = self.encode_images(pixels)
         if image_embeds is None:
@@ -101,12 +115,22 @@ class OmniModel(nn.Module):
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        mask = self._mask(positions, attention_mask, cache.max_len if cache is not None else None)
+        cache_len = cache.max_len if cache is not None else None
+        mask = self._mask(positions, attention_mask, cache_len)
+        window = self.config.sliding_window
+        if window is not None and int(positions.max()) >= window:  # shorter: the window hides nothing
+            window_mask = self._mask(positions, attention_mask, cache_len, window)
+        else:
+            window_mask = mask
         x = self.embed_inputs(input_ids, pixels, image_embeds)
         rope = self.rotary(positions)
+        rope_local = rope if self.rotary_local is None else self.rotary_local(positions)
         stats = []
         for blk in self.blocks:
-            x, s = blk(x, rope, positions, cache, slots, mask)
+            if blk.sliding:
+                x, s = blk(x, rope_local, positions, cache, slots, window_mask)
+            else:
+                x, s = blk(x, rope, positions, cache, slots, mask)
             if s is not None:
                 stats.append(s)
         h = self.norm(x)
@@ -126,18 +150,27 @@ class OmniModel(nn.Module):
         return out
 
     @staticmethod
-    def _mask(positions, attention_mask, cache_len: int | None):
+    def _mask(positions, attention_mask, cache_len: int | None, window: int | None = None):
+        """Boolean [B, 1, T, keys] mask (True = attend), or None for plain causal attention.
+        window: also hide keys `window` or more positions behind the query (sliding-window layers)."""
         if cache_len is not None:
             # key j (a cache position) is visible to a query at position p when j <= p; padded tail tokens of
             # a chunked prefill may carry positions past the cache end: they are never read, so cap the keys
             kv_len = min(int(positions.max()) + 1, cache_len)
-            keys = torch.arange(kv_len, device=positions.device)
-            return (keys[None, None, :] <= positions[:, :, None])[:, None]
-        if attention_mask is None:
-            return None  # plain causal: the fast SDPA path
+            keys = torch.arange(kv_len, device=positions.device)[None, None, :]
+            m = keys <= positions[:, :, None]
+            if window is not None:
+                m = m & (keys > positions[:, :, None] - window)
+            return m[:, None]
         T = positions.shape[1]
+        if attention_mask is None and (window is None or T <= window):
+            return None  # plain causal: the fast SDPA path
         causal = torch.ones(T, T, dtype=torch.bool, device=positions.device).tril()
-        m = causal[None] & attention_mask.bool()[:, None, :]
+        if window is not None:
+            causal = causal & ~causal.tril(-window)
+        m = causal[None]
+        if attention_mask is not None:
+            m = m & attention_mask.bool()[:, None, :]
         m = m | torch.eye(T, dtype=torch.bool, device=positions.device)[None]  # padded queries see themselves
         return m[:, None]
 

@@ -99,7 +99,7 @@ def check_state(model, state: dict, where: str) -> None:
 
 def build_model(cfg: ModelConfig, state: dict, where: str, device="cpu", dtype=torch.float32):
     """Instantiate OmniModel without random init (meta device) and assign the given tensors."""
-    from omnimini.model.layers import rope_inv_freq
+    from omnimini.model.layers import Rotary
     from omnimini.model.model import OmniModel
 
     with torch.device("meta"):
@@ -107,7 +107,9 @@ def build_model(cfg: ModelConfig, state: dict, where: str, device="cpu", dtype=t
     check_state(model, state, where)
     state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
     model.load_state_dict(state, assign=True, strict=True)
-    model.rotary.inv_freq = rope_inv_freq(cfg).to(device)
+    for m in model.modules():  # non-persistent rotary buffers were left on the meta device
+        if isinstance(m, Rotary):
+            m.reset(device)
     return model.eval()
 
 

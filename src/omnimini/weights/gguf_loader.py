@@ -1,8 +1,14 @@
 """GGUF files (llama.cpp) -> OmniModel + Tokenizer, read with the `gguf` package.
 
-Weights are dequantized to float32 with `gguf.quants.dequantize`; the tokenizer (byte-level BPE) and the chat
-template come from the file's metadata. llama.cpp stores the Q and K projections of Llama models with their
-rows permuted for its interleaved RoPE; we undo that so OmniModel's rotate-half RoPE sees the HF layout.
+Weights are dequantized to float32 with `gguf.quants.dequantize`; the tokenizer and the chat template come from
+the file's metadata. llama.cpp stores the Q and K projections of Llama models with their rows permuted for its
+interleaved RoPE; we undo that so OmniModel's rotate-half RoPE sees the HF layout (the other architectures use
+NeoX-style RoPE, which is rotate-half already).
+
+Architectures: llama (also Mistral-style files with a sliding window, and Mixtral-style experts), qwen2, qwen3,
+qwen3moe, phi3 (fused qkv and gate+up tensors, split here) and gemma3 (embedding scale, sandwich norms whose
+weights llama.cpp's converter already stored as 1 + w, GeGLU, sliding-window layers with their own rope base and
+every sixth layer global, as llama.cpp reads these files).
 """
 
 from __future__ import annotations
@@ -17,8 +23,11 @@ from tqdm import tqdm
 from omnimini.config import ConfigError, ModelConfig, MoEConfig
 from omnimini.weights.checkpoint import CheckpointError, build_model
 
-SUPPORTED_ARCHS = ("llama",)
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "phi3", "gemma3")
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q5_K", "Q6_K")
+PERMUTED_QK = ("llama",)  # architectures whose Q/K rows llama.cpp's converter permuted (interleaved RoPE)
+GEMMA3_SWA_PATTERN = 6  # llama.cpp: in a gemma3 file every sixth layer is global unless the file says otherwise
+GEMMA3_LOCAL_THETA = 10000.0  # llama.cpp's rope base of gemma3's sliding layers when the file has none
 SUPPORTED_TOKENIZERS = ("gpt2",)
 
 # llama.cpp pre-tokenizer names -> how the text is split before byte-level BPE (see llama-vocab.cpp)
@@ -100,6 +109,8 @@ def config_from_gguf(meta: dict, tensor_names: set[str]) -> ModelConfig:
         raise GGUFError(f"unsupported GGUF architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})")
     if "rope_freqs.weight" in tensor_names:
         raise GGUFError("GGUF has a rope_freqs tensor (Llama-3.1-style RoPE scaling), which is not supported")
+    if {"rope_factors_long.weight", "rope_factors_short.weight"} & tensor_names:
+        raise GGUFError("GGUF has rope_factors tensors (Phi-3 LongRoPE), which is not supported")
 
     def get(key, default=None):
         v = meta.get(f"{arch}.{key}", default)
@@ -107,9 +118,12 @@ def config_from_gguf(meta: dict, tensor_names: set[str]) -> ModelConfig:
             raise GGUFError(f"GGUF metadata lacks {arch}.{key}")
         return v
 
-    hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
+    hidden, heads, layers = int(get("embedding_length")), int(get("attention.head_count")), int(get("block_count"))
     head_dim = int(meta.get(f"{arch}.attention.key_length", meta.get(f"{arch}.rope.dimension_count",
                                                                     hidden // heads)))
+    if int(meta.get(f"{arch}.rope.dimension_count", head_dim)) != head_dim:
+        raise GGUFError(f"GGUF rotates {meta[f'{arch}.rope.dimension_count']} of {head_dim} head dimensions "
+                        "(partial RoPE), which is not supported")
     scaling = None
     if meta.get(f"{arch}.rope.scaling.type", "none") not in ("none",):
         kind = meta[f"{arch}.rope.scaling.type"]
@@ -118,21 +132,48 @@ def config_from_gguf(meta: dict, tensor_names: set[str]) -> ModelConfig:
         scaling = {"type": "linear", "factor": float(meta[f"{arch}.rope.scaling.factor"])}
     vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
     moe = None
-    if int(meta.get(f"{arch}.expert_count", 0) or 0) > 0:  # Mixtral-style GGUF (llama arch + experts)
+    if int(meta.get(f"{arch}.expert_count", 0) or 0) > 0:  # Mixtral-style llama files, qwen3moe
+        width = meta.get(f"{arch}.expert_feed_forward_length") or get("feed_forward_length")
+        # llama.cpp renormalises the chosen experts' weights for both unless the file says otherwise
         moe = MoEConfig(num_experts=int(get("expert_count")), top_k=int(get("expert_used_count")),
-                        expert_intermediate=int(get("feed_forward_length")), norm_topk_prob=True)
+                        expert_intermediate=int(width),
+                        norm_topk_prob=bool(meta.get(f"{arch}.expert_weights_norm", True)))
+    window = meta.get(f"{arch}.attention.sliding_window")
+    extra = _gemma3_options(meta, hidden, head_dim, layers, window) if arch == "gemma3" else {}
     try:
         return ModelConfig(
-            vocab_size=int(vocab), hidden_size=hidden, num_layers=int(get("block_count")), num_heads=heads,
+            vocab_size=int(vocab), hidden_size=hidden, num_layers=layers, num_heads=heads,
             num_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv", heads)),
             head_dim=head_dim if head_dim != hidden // heads else None,
             intermediate_size=int(get("feed_forward_length")), max_seq_len=int(get("context_length")),
             rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)), rope_scaling=scaling,
             rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+            qk_norm="head" if "blk.0.attn_q_norm.weight" in tensor_names else "none",
+            attention_bias="blk.0.attn_q.bias" in tensor_names,
             tie_embeddings="output.weight" not in tensor_names, moe=moe, arch=f"gguf:{arch}",
+            sliding_window=int(window) if window else None, **extra,
         )
     except ConfigError as e:
         raise GGUFError(f"GGUF metadata: {e}") from None
+
+
+def _gemma3_options(meta: dict, hidden: int, head_dim: int, layers: int, window) -> dict:
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if meta.get(f"gemma3.{key}"):
+            raise GGUFError(f"GGUF gemma3.{key} is set, which is not supported")
+    pattern = meta.get("gemma3.attention.sliding_window_pattern")
+    if isinstance(pattern, list):  # one flag per layer: True = sliding
+        slides = [bool(x) for x in pattern]
+    else:
+        n = int(pattern or GEMMA3_SWA_PATTERN)
+        slides = [(i + 1) % n != 0 for i in range(layers)]
+    # llama.cpp scales queries by 1/sqrt(head_dim), except Gemma 3 27B (62 layers): 1/sqrt(hidden / heads)
+    heads = int(meta["gemma3.attention.head_count"])
+    scale_dim = hidden // heads if layers == 62 else head_dim
+    return {"embed_scale": hidden ** 0.5, "sandwich_norm": True, "hidden_act": "gelu_tanh",
+            "attn_scale": scale_dim ** -0.5,
+            "layer_types": ["sliding" if s else "full" for s in slides] if window else None,
+            "rope_local_theta": float(meta.get("gemma3.rope.freq_base_swa", GEMMA3_LOCAL_THETA))}
 
 
 # ---- tensors -------------------------------------------------------------------------------------------------
@@ -143,7 +184,8 @@ _RENAMES = {
 _BLOCK = {
     "attn_norm": "input_norm", "ffn_norm": "post_norm", "attn_q": "attn.q_proj", "attn_k": "attn.k_proj",
     "attn_v": "attn.v_proj", "attn_output": "attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj", "ffn_gate_inp": "mlp.router",
+    "ffn_down": "mlp.down_proj", "ffn_gate_inp": "mlp.router", "attn_q_norm": "attn.q_norm",
+    "attn_k_norm": "attn.k_norm", "post_attention_norm": "attn_out_norm", "post_ffw_norm": "mlp_out_norm",
 }
 _BLK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _EXPS = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
@@ -158,17 +200,34 @@ def _rename(name: str) -> str:
     raise GGUFError(f"unexpected GGUF tensor {name!r} (no omnimini equivalent)")
 
 
+def _split_fused(name: str, w: np.ndarray, cfg: ModelConfig) -> dict[str, np.ndarray] | None:
+    """Phi-3's fused tensors: attn_qkv -> q, k, v rows; ffn_up with twice the MLP width -> gate rows, then up."""
+    m = _BLK.match(name)
+    if m and m[2] == "attn_qkv":
+        q, kv = cfg.num_heads * cfg.dim_head, cfg.num_kv_heads * cfg.dim_head
+        parts = np.split(w, [q, q + kv])
+        return {f"blocks.{m[1]}.attn.{p}_proj.{m[3]}": a for p, a in zip("qkv", parts, strict=True)}
+    if m and m[2] == "ffn_up" and w.shape[0] == 2 * cfg.intermediate_size:
+        gate, up = np.split(w, 2)
+        return {f"blocks.{m[1]}.mlp.gate_proj.weight": gate, f"blocks.{m[1]}.mlp.up_proj.weight": up}
+    return None
+
+
 def convert_tensors(reader, cfg: ModelConfig, progress: bool = True) -> dict[str, torch.Tensor]:
     state, experts = {}, {}
+    permuted = cfg.arch.removeprefix("gguf:") in PERMUTED_QK
     for t in tqdm(reader.tensors, desc="dequantizing GGUF", unit="tensor", disable=not progress, leave=False):
         w = dequantize(t)
         if m := _EXPS.match(t.name):
             experts.setdefault(int(m[1]), {})[m[2]] = w
             continue
+        if (parts := _split_fused(t.name, w, cfg)) is not None:
+            state.update({k: torch.from_numpy(np.ascontiguousarray(a)) for k, a in parts.items()})
+            continue
         name = _rename(t.name)
-        if name.endswith("attn.q_proj.weight"):
+        if permuted and name.endswith("attn.q_proj.weight"):
             w = unpermute_qk(w, cfg.num_heads)
-        elif name.endswith("attn.k_proj.weight"):
+        elif permuted and name.endswith("attn.k_proj.weight"):
             w = unpermute_qk(w, cfg.num_kv_heads)
         state[name] = torch.from_numpy(w)
     for layer, parts in experts.items():

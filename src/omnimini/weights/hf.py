@@ -1,8 +1,11 @@
 """Hugging Face checkpoints (config.json + safetensors + tokenizer.json) -> OmniModel.
 
-Supported families: Llama, Qwen2, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE. They all share one decoder
-layout (pre-norm GQA attention with rotate-half RoPE, SwiGLU or top-k MoE), so loading is a config mapping
-plus a tensor rename; per-expert tensors are stacked into OmniModel's fused `gate_up` / `down` layout.
+Supported families: Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Phi-3 and Gemma 3 (text).
+They all share one decoder layout (pre-norm GQA attention with rotate-half RoPE, SwiGLU or top-k MoE), so loading
+is a config mapping plus a tensor rename; per-expert tensors are stacked into OmniModel's fused `gate_up` / `down`
+layout, Phi-3's fused qkv / gate_up are split, and Gemma's (1 + w) norm weights are stored as 1 + w. What
+differs is a config option of OmniModel: sliding-window layers (Mistral, Phi-3, Gemma 3), Gemma's embedding
+scale, sandwich norms, query scale, GeGLU and the sliding layers' own rope base.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import torch
 from omnimini.config import ConfigError, ModelConfig, MoEConfig
 from omnimini.weights.checkpoint import CheckpointError, build_model, read_safetensors
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "mistral", "phi3",
+                         "gemma3_text")
+GEMMA = ("gemma3_text",)
 SUPPORTED_ROPE = ("default", "linear", "llama3")
 HF_INDEX = "model.safetensors.index.json"
 
@@ -30,6 +35,11 @@ def _supported() -> str:
 def _rope(c: dict) -> tuple[float, dict | None]:
     # transformers 5 nests rope settings in `rope_parameters`; older configs use rope_theta + rope_scaling
     params = dict(c.get("rope_parameters") or {})
+    if "full_attention" in params:  # per layer type (Gemma 3): the global layers' rope; see _local_theta
+        params = dict(params["full_attention"] or {})
+    if float(params.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)) or 1.0) != 1.0:
+        raise CheckpointError("partial rotary embeddings (partial_rotary_factor != 1) are not supported")
+    params.pop("partial_rotary_factor", None)
     scaling = c.get("rope_scaling") or params
     theta = c.get("rope_theta", params.get("rope_theta", 10000.0))
     kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
@@ -54,7 +64,7 @@ def _first_k_dense(c: dict, n_layers: int) -> int:
 
 
 def _moe(c: dict, mt: str, n_layers: int) -> MoEConfig | None:
-    if mt in ("llama", "qwen2", "qwen3"):
+    if mt in ("llama", "qwen2", "qwen3", "mistral", "phi3") + GEMMA:
         return None
     if mt == "mixtral":  # softmax over all experts, then top-k renormalised: norm_topk_prob
         return MoEConfig(num_experts=c["num_local_experts"], top_k=c["num_experts_per_tok"],
@@ -71,14 +81,46 @@ def _moe(c: dict, mt: str, n_layers: int) -> MoEConfig | None:
     return m
 
 
-def _max_len(c: dict, mt: str) -> int:
-    n = int(c.get("max_position_embeddings", 4096))
+def _local_theta(c: dict, mt: str) -> float | None:
+    """Gemma 3's sliding layers rotate with their own (unscaled) base."""
+    if mt not in GEMMA:
+        return None
+    local = (c.get("rope_parameters") or {}).get("sliding_attention") or {}
+    return float(local.get("rope_theta", c.get("rope_local_base_freq", 10000.0)))
+
+
+def _window(c: dict, mt: str, n_layers: int) -> tuple[int | None, list[str] | None]:
+    """(sliding_window, layer_types) as OmniModel takes them; (None, None) when no layer slides."""
     window = c.get("sliding_window")
-    sliding = c.get("use_sliding_window", mt == "mixtral")
-    if sliding and window and window < n:
-        # OmniModel has no sliding-window mask: within the window the two agree exactly, so cap the context
-        n = int(window)
-    return n
+    if mt.startswith("qwen") and not c.get("use_sliding_window", False):
+        window = None  # Qwen configs carry a window they do not use unless use_sliding_window is set
+    if not window:
+        return None, None
+    types = c.get("layer_types")
+    if not types:
+        return int(window), None  # Mistral, Phi-3, Mixtral: every layer slides
+    names = {"sliding_attention": "sliding", "full_attention": "full"}
+    unknown = sorted(set(types) - set(names))
+    if unknown or len(types) != n_layers:
+        raise CheckpointError(f"{mt}: unsupported layer_types {unknown or types} (supported: {', '.join(names)})")
+    if "sliding_attention" not in types:
+        return None, None
+    return int(window), [names[t] for t in types]
+
+
+def _gemma_options(c: dict, mt: str) -> dict:
+    if mt not in GEMMA:
+        return {}
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if c.get(key) is not None:
+            raise CheckpointError(f"{mt}: {key}={c[key]} is not supported (supported: null)")
+    if c.get("use_bidirectional_attention"):
+        raise CheckpointError(f"{mt}: use_bidirectional_attention=true is not supported")
+    return {"embed_scale": float(c["hidden_size"]) ** 0.5, "sandwich_norm": True,
+            "attn_scale": float(c.get("query_pre_attn_scalar", c.get("head_dim") or 256)) ** -0.5}
+
+
+ACTS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 
 
 def config_from_hf(c: dict) -> ModelConfig:
@@ -86,9 +128,9 @@ def config_from_hf(c: dict) -> ModelConfig:
     mt = c.get("model_type")
     if mt not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(f"unsupported model_type {mt!r} (supported: {_supported()})")
-    act = c.get("hidden_act", "silu")
-    if act != "silu":
-        raise CheckpointError(f"unsupported hidden_act {act!r} for {mt} (supported: silu)")
+    act = c.get("hidden_activation") or c.get("hidden_act", "silu")
+    if act not in ACTS:
+        raise CheckpointError(f"unsupported hidden_act {act!r} for {mt} (supported: {', '.join(ACTS)})")
     if c.get("clip_qkv") is not None:
         raise CheckpointError(f"{mt}: clip_qkv={c['clip_qkv']} is not supported (supported: null)")
     if c.get("mlp_bias"):
@@ -100,14 +142,16 @@ def config_from_hf(c: dict) -> ModelConfig:
     else:
         bias = bool(c.get("attention_bias", False))
     try:
+        window, layer_types = _window(c, mt, layers)
         return ModelConfig(
             vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], num_layers=layers, num_heads=heads,
             num_kv_heads=c.get("num_key_value_heads") or heads, head_dim=c.get("head_dim"),
-            intermediate_size=c.get("intermediate_size", 0), max_seq_len=_max_len(c, mt), rope_theta=theta,
-            rope_scaling=scaling, rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-            qk_norm={"qwen3": "head", "qwen3_moe": "head", "olmoe": "full"}.get(mt, "none"),
-            attention_bias=bias, tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-            moe=_moe(c, mt, layers), arch=mt,
+            intermediate_size=c.get("intermediate_size", 0), max_seq_len=int(c.get("max_position_embeddings", 4096)),
+            rope_theta=theta, rope_scaling=scaling, rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+            qk_norm={"qwen3": "head", "qwen3_moe": "head", "olmoe": "full", "gemma3_text": "head"}.get(mt, "none"),
+            attention_bias=bias, tie_embeddings=bool(c.get("tie_word_embeddings", mt in GEMMA)),
+            hidden_act=ACTS[act], sliding_window=window, layer_types=layer_types,
+            rope_local_theta=_local_theta(c, mt), moe=_moe(c, mt, layers), arch=mt, **_gemma_options(c, mt),
         )
     except KeyError as e:
         raise CheckpointError(f"{mt} config.json lacks required key {e.args[0]!r}") from None
@@ -132,6 +176,14 @@ _RENAMES = [
     (_L + r"mlp\.shared_expert_gate\.weight", r"blocks.\1.mlp.shared_gate.weight"),
 ]
 _RENAMES = [(re.compile(p + "$"), r) for p, r in _RENAMES]
+# Gemma's four norms per layer: post_attention_layernorm is the attention output's norm, not the MLP's input
+_GEMMA_RENAMES = [(re.compile(p + "$"), r) for p, r in [
+    (_L + r"post_attention_layernorm\.weight", r"blocks.\1.attn_out_norm.weight"),
+    (_L + r"pre_feedforward_layernorm\.weight", r"blocks.\1.post_norm.weight"),
+    (_L + r"post_feedforward_layernorm\.weight", r"blocks.\1.mlp_out_norm.weight"),
+]]
+_FUSED_QKV = re.compile(_L + r"self_attn\.qkv_proj\.weight$")  # Phi-3
+_FUSED_GATE_UP = re.compile(_L + r"mlp\.gate_up_proj\.weight$")  # Phi-3: gate rows first, then up
 _EXPERT = re.compile(_L + r"(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
 _FUSED = re.compile(_L + r"mlp\.experts\.(gate_up_proj|down_proj)$")  # transformers-5 in-memory layout
 _ROLE = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
@@ -155,8 +207,18 @@ def _fuse_experts(layer: int, parts: dict, cfg: ModelConfig) -> dict:
 def convert_state(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Rename HF tensors to OmniModel's names; stack per-expert weights; unknown names are an error."""
     state, experts = {}, {}
+    renames = (_GEMMA_RENAMES + _RENAMES) if cfg.arch in GEMMA else _RENAMES
     for name, t in hf.items():
         if _IGNORED.match(name):
+            continue
+        if m := _FUSED_QKV.match(name):
+            q, kv = cfg.num_heads * cfg.dim_head, cfg.num_kv_heads * cfg.dim_head
+            for part, w in zip("qkv", t.split([q, kv, kv]), strict=True):
+                state[f"blocks.{m[1]}.attn.{part}_proj.weight"] = w
+            continue
+        if m := _FUSED_GATE_UP.match(name):
+            gate, up = t.chunk(2)
+            state[f"blocks.{m[1]}.mlp.gate_proj.weight"], state[f"blocks.{m[1]}.mlp.up_proj.weight"] = gate, up
             continue
         if m := _EXPERT.match(name):
             experts.setdefault(int(m[1]), {})[int(m[2]), _ROLE[m[3]]] = t
@@ -164,7 +226,7 @@ def convert_state(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
         if m := _FUSED.match(name):
             state[f"blocks.{m[1]}.mlp.{'gate_up' if m[2] == 'gate_up_proj' else 'down'}"] = t
             continue
-        for pat, repl in _RENAMES:
+        for pat, repl in renames:
             if pat.match(name):
                 state[pat.sub(repl, name)] = t
                 break
@@ -176,6 +238,9 @@ def convert_state(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
         state.update(_fuse_experts(layer, parts, cfg))
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)  # some exports save the tied head too; the embedding is the truth
+    if cfg.arch in GEMMA:  # Gemma's RMSNorm scales by (1 + w): store 1 + w, so OmniModel's RMSNorm computes the same
+        for name in [n for n in state if n.endswith("norm.weight")]:
+            state[name] = state[name].float() + 1.0
     for name, t in list(state.items()):
         if name.endswith("mlp.router.weight"):
             state[name.replace("router.weight", "router.selection_bias")] = torch.zeros(t.shape[0])

@@ -1,0 +1,125 @@
+"""Test support: write a (tiny) transformers causal LM as a GGUF file, the way llama.cpp's converter lays it out.
+
+Names follow gguf's tensor tables; llama/mistral Q/K rows are permuted for interleaved RoPE, Gemma's norm weights
+are stored as 1 + w, Phi-3's fused qkv / gate_up stay fused, MoE experts are stacked [E, rows, cols]. The
+vocabulary is the byte-level one of test_weights_gguf (3 ChatML specials + 256 bytes) unless another is written.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+
+from omnimini.tokenizer import BYTE_TO_CHAR
+from omnimini.weights.gguf_loader import permute_qk
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+# HF model_type -> GGUF architecture name
+ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3moe",
+        "phi3": "phi3", "gemma3_text": "gemma3"}
+
+_LAYER = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "self_attn.qkv_proj": "attn_qkv",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "mlp.gate_up_proj": "ffn_up",
+    "mlp.gate": "ffn_gate_inp",
+}
+_GEMMA_LAYER = {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                "post_feedforward_layernorm": "post_ffw_norm"}
+
+
+def _metadata(w: gguf.GGUFWriter, c, arch: str, vocab_size: int) -> None:
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(vocab_size)
+    rope = c.rope_parameters or {}
+    w.add_rope_freq_base(float(rope.get("full_attention", rope).get("rope_theta", 10000.0)))
+    if getattr(c, "sliding_window", None) and (arch != "qwen2" or c.use_sliding_window):
+        w.add_sliding_window(c.sliding_window)
+    if arch == "qwen3moe":
+        w.add_expert_count(c.num_experts)
+        w.add_expert_used_count(c.num_experts_per_tok)
+        w.add_expert_feed_forward_length(c.moe_intermediate_size)
+
+
+def byte_level_tokenizer(w: gguf.GGUFWriter) -> None:
+    tokens = SPECIALS + [BYTE_TO_CHAR[b] for b in range(256)]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types([3] * 3 + [1] * (len(tokens) - 3))
+    w.add_token_merges([])
+    w.add_eos_token_id(2)
+    w.add_bos_token_id(1)
+    w.add_pad_token_id(0)  # else transformers' GGUF loader takes Phi-3's default pad id, past this vocabulary
+    w.add_chat_template(TEMPLATE)
+
+
+def _tensors(model, arch: str):
+    c = model.config
+    layer_names = {**_LAYER, **_GEMMA_LAYER} if arch == "gemma3" else _LAYER
+    for name, t in model.state_dict().items():
+        a = t.detach().float().numpy()
+        if name.startswith("model.layers."):
+            _, _, i, rest = name.split(".", 3)
+            if rest.startswith("mlp.experts."):  # transformers 5 in memory: gate_up [E, 2I, H], down [E, H, I]
+                if rest.endswith("gate_up_proj"):
+                    gate, up = np.split(a, 2, axis=1)
+                    yield f"blk.{i}.ffn_gate_exps.weight", gate
+                    yield f"blk.{i}.ffn_up_exps.weight", up
+                else:
+                    yield f"blk.{i}.ffn_down_exps.weight", a
+                continue
+            base, kind = rest.rsplit(".", 1)
+            out = f"blk.{i}.{layer_names[base]}"
+            if arch == "llama" and base == "self_attn.q_proj":
+                a = permute_qk(a, c.num_attention_heads)
+            elif arch == "llama" and base == "self_attn.k_proj":
+                a = permute_qk(a, c.num_key_value_heads)
+            if arch == "gemma3" and base.endswith("norm"):
+                a = a + 1.0
+            yield f"{out}.{kind}", a
+        elif name == "model.embed_tokens.weight":
+            yield "token_embd.weight", a
+        elif name == "model.norm.weight":
+            yield "output_norm.weight", a + 1.0 if arch == "gemma3" else a
+        elif name == "lm_head.weight" and not c.tie_word_embeddings:
+            yield "output.weight", a
+
+
+def write_gguf_from_hf(path, model, qtype=None, tokenizer_fn=byte_level_tokenizer):
+    """Write `model` (a transformers causal LM) to `path`; qtype quantizes the 2D weights (e.g. Q8_0).
+    tokenizer_fn(writer) writes the tokenizer metadata instead of the default byte-level vocabulary."""
+    c = model.config
+    arch = ARCH[c.model_type]
+    w = gguf.GGUFWriter(str(path), arch)
+    # transformers reads a llama file whose name says "mistral" as Mistral, which its GGUF code then fails on
+    # (gguf 0.19 has no such arch): name it plainly
+    w.add_name(f"tiny-{arch}")
+    _metadata(w, c, arch, c.vocab_size)
+    tokenizer_fn(w)
+    for name, a in _tensors(model, arch):
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        # as llama.cpp does, the router stays float: a rounded router would pick other experts
+        if qtype is not None and a.ndim >= 2 and a.shape[-1] % 32 == 0 and "ffn_gate_inp" not in name:
+            w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(name, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

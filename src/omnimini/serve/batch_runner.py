@@ -112,6 +112,11 @@ class BatchRunner:
         if row["status"] == "validating":
             self.batches.set_status(bid, "in_progress", "in_progress_at", only_from=("validating",))
         if self.batches.row(bid)["status"] == "in_progress":
+            if self.files.get(row["input_file_id"]) is None:  # deleted while the batch waited or ran
+                err = [{"code": "input_file_missing", "message": f"the input file {row['input_file_id']} was "
+                        "deleted", "param": "input_file_id", "line": None}]
+                self.batches.set_status(bid, "failed", "failed_at", errors=json.dumps(err))
+                return
             lines = split_lines(self.files.read(row["input_file_id"]))
             done = self.batches.done_lines(bid)
             todo = [(i, t) for i, t in lines if i not in done]

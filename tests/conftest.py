@@ -5,11 +5,15 @@ import pytest
 import torch
 from PIL import Image
 
+from omnimini import kernels
 from omnimini.config import ModelConfig, MoEConfig, VisionConfig
 from omnimini.model import OmniModel
 from omnimini.tokenizer import Tokenizer
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# build (or load) omnimini's CPU kernels now, into the user's cache: a test that points OMNIMINI_CACHE elsewhere
+# must not trigger a second build
+kernels.available()
 
 REPO = Path(__file__).resolve().parents[1]
 

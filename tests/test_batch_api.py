@@ -101,6 +101,21 @@ def test_twenty_line_batch_completes_with_every_custom_id(client, server):
     assert _metric(server.url, "omnimini_background_requests_total") >= 20  # batch lines ran at background priority
 
 
+def test_responses_and_embeddings_batches(client):
+    resp = [json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/responses",
+                        "body": {"model": "gpt-4o-mini", "input": f"hello {i}", "max_output_tokens": 4}})
+            for i in range(3)]
+    emb = [json.dumps({"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings",
+                       "body": {"model": "gpt-4o-mini", "input": ["hello world", "paris"][i]}}) for i in range(2)]
+    for endpoint, lines, kind in (("/v1/responses", resp, "response"), ("/v1/embeddings", emb, "list")):
+        b = client.batches.create(input_file_id=upload(client, lines).id, endpoint=endpoint, completion_window="24h")
+        b = wait_done(client, b.id)
+        assert b.status == "completed" and b.request_counts.completed == len(lines), b.request_counts
+        out = jsonl(client, b.output_file_id)
+        assert sorted(o["custom_id"] for o in out) == sorted(json.loads(x)["custom_id"] for x in lines)
+        assert all(o["response"]["body"]["object"] == kind for o in out)
+
+
 def test_malformed_lines_fail_alone_in_the_error_file(client):
     lines = [chat_line("good-0"), "{not json", json.dumps({"method": "POST", "url": "/v1/chat/completions"}),
              chat_line("wrong-url", url="/v1/completions"), chat_line("good-1"),
@@ -123,7 +138,7 @@ def test_malformed_lines_fail_alone_in_the_error_file(client):
 
 def test_bad_batches_are_refused_and_the_server_keeps_serving(client, server):
     fid = upload(client, [chat_line("a")]).id
-    cases = [dict(endpoint="/v1/unknown"), dict(endpoint="/v1/embeddings"), dict(completion_window="1h"),
+    cases = [dict(endpoint="/v1/unknown"), dict(endpoint="/v1/moderations"), dict(completion_window="1h"),
              dict(input_file_id="file-nope")]
     for case in cases:
         args = dict(input_file_id=fid, endpoint="/v1/chat/completions", completion_window="24h") | case

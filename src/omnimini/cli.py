@@ -7,6 +7,8 @@ import json
 import sys
 from collections.abc import Callable
 
+from omnimini.config import QUANTIZE_MODES
+
 # errors that are the user's input, printed as one line (never a traceback)
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError,
                                                  PermissionError, KeyError)
@@ -172,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None)
     p.add_argument("--raw", action="store_true", help="no chat template: continue the text as is")
     p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--quantize", choices=["none", "fp16", "int8", "int4"], default="none")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, default="none")
     _sampling_args(p)
     p.set_defaults(fn=cmd_generate)
 
@@ -183,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None)
     p.add_argument("--system", default=None)
     p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--quantize", choices=["none", "fp16", "int8", "int4"], default="fp16")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, default="fp16")
     p.add_argument("--compile", action="store_true", dest="compile_decode",
                    help="compile the decode step (faster tokens; 1-3 min the first time, then cached)")
     p.set_defaults(fn=cmd_chat)

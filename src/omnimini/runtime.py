@@ -9,15 +9,24 @@ import torch
 
 def load_for_inference(spec: str | None, quantize: str = "none", device: str = "cpu"):
     """(model, tokenizer) from an omnimini dir, HF dir, .gguf file or model name; None -> the default model."""
+    from omnimini.engine.quant import BLOCK_MODES
     from omnimini.weights.convert import load_any
 
-    model, tok = load_any(spec, device=device, dtype=torch.float32)
+    gguf = native = None
+    if quantize in BLOCK_MODES and device == "cpu":
+        from omnimini.weights.gguf_native import gguf_source, load_native
+
+        gguf = gguf_source(spec)  # a GGUF source keeps its own blocks (read from the file, not re-quantized)
+    if gguf is not None:
+        model, tok, native = load_native(gguf, quantize)
+    else:
+        model, tok = load_any(spec, device=device, dtype=torch.float32)
     model.eval()
     if quantize and quantize != "none":
         from omnimini.engine.quant import quantize_model
         from omnimini.engine.smooth import CALIBRATION_TEXT
 
-        model = quantize_model(model, quantize, calib_ids=tok.encode(CALIBRATION_TEXT))
+        model = quantize_model(model, quantize, calib_ids=tok.encode(CALIBRATION_TEXT), native=native)
     return model, tok
 
 

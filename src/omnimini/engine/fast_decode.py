@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from omnimini.engine.quant import PackedLinear
+from omnimini.model.blocklinear import BlockLinear
 from omnimini.model.layers import KVCache
 
 KV_BUCKET = 32  # small: attention reads only up to the bucket; the key length is symbolic, so no recompiles
@@ -75,7 +76,9 @@ def supports(model) -> str | None:
 
 
 def _linear(mod, x: torch.Tensor) -> torch.Tensor:
-    """x [N, in] through an nn.Linear or one of quant.py's packed linears."""
+    """x [N, in] through an nn.Linear, a BlockLinear or one of quant.py's packed linears."""
+    if isinstance(mod, BlockLinear):  # omnimini's own kernel: a custom op with a fake kernel, traced as is
+        return mod(x)
     if not isinstance(mod, PackedLinear):
         return F.linear(x, mod.weight, mod.bias)
     y = torch.ops.omnimini.packed_linear(x, mod.graph_handle, mod.out_features)

@@ -10,6 +10,10 @@ int4 path: asking for it is an error that says so.
 Quantization rewrites the model in place for the engine: attention and MLP projections, MoE experts (through
 `MoE.expert_fn`), shared experts and the LM head (a tied head gets its own quantized copy; the embedding table
 stays float32 for lookups). SwiGLU's gate and up projections are fused into one matmul.
+
+Block formats (q8_0 | q4_0 | q4_1, GGUF's own) run omnimini's own AVX2 kernels (model/blocklinear.py); weights
+that were read from a GGUF file already in one of these formats keep their blocks as they are (`native`), the
+rest are quantized from float. The output head is Q8_0 for the 4-bit formats, as GGUF files usually keep it.
 """
 
 from __future__ import annotations
@@ -20,10 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omnimini import kernels
+from omnimini.config import QUANTIZE_MODES
+from omnimini.kernels.blocks import FORMATS, check_blocks
+from omnimini.model.blocklinear import BlockLinear
 from omnimini.model.layers import ACTIVATION_FNS, Attention, SwiGLU
 from omnimini.model.moe import MoE
 
-MODES = ("none", "int8", "fp16", "int4")
+BLOCK_MODES = tuple(FORMATS)
+MODES = QUANTIZE_MODES
+assert set(BLOCK_MODES) <= set(MODES)
 
 
 class QuantizeError(ValueError):
@@ -121,6 +131,39 @@ class Fp16Linear(PackedLinear):
     matmul = staticmethod(fp16_matmul)
 
 
+class BlockLinears:
+    """Makes BlockLinear modules in one format. `native` maps a float weight's data_ptr to the blocks it was read
+    from (format, uint8 blocks, tensor name): those are used as they are, fused by concatenating rows when every
+    part is in the same format; anything else is quantized from its float values."""
+
+    def __init__(self, fmt: str, native: dict | None = None):
+        self.fmt, self.native = fmt, native or {}
+
+    def __call__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, fmt: str | None = None):
+        return self.fuse([weight], bias, fmt)
+
+    def fuse(self, parts: list[torch.Tensor], bias: torch.Tensor | None = None, fmt: str | None = None):
+        found = [self.native.get(p.data_ptr()) for p in parts]
+        if all(found) and len({f for f, _, _ in found}) == 1:
+            for kind, blocks, name in found:  # each part on its own, so an error names the file's tensor
+                check_blocks(blocks, kind, parts[0].shape[1], name)
+            return BlockLinear(torch.cat([b for _, b, _ in found]), found[0][0], parts[0].shape[1], bias,
+                               what=" + ".join(n for _, _, n in found))
+        weight = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if not BlockLinear.fits(weight):  # in_features not a multiple of 32: stays a float matmul
+            lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+            lin.weight.data, lin.bias = weight.detach().float(), None if bias is None else nn.Parameter(bias)
+            return lin
+        return BlockLinear.from_float(weight, bias, fmt or self.fmt)
+
+
+def fused_linear(linear, parts: list[torch.Tensor], bias: torch.Tensor | None = None):
+    """One quantized linear over the concatenated rows of `parts` (q/k/v, gate/up)."""
+    if isinstance(linear, BlockLinears):
+        return linear.fuse(parts, bias)
+    return linear(torch.cat(parts), bias)
+
+
 class QuantSwiGLU(nn.Module):
     """SwiGLU with gate and up fused into one quantized matmul (one weight read, one call)."""
 
@@ -128,12 +171,15 @@ class QuantSwiGLU(nn.Module):
                  act: str = "silu"):
         super().__init__()
         self.inter = gate.shape[0]
-        self.gate_up = linear(torch.cat([gate, up]))
+        self.gate_up = fused_linear(linear, [gate, up])
         self.down_proj = linear(down)
         self.act_name, self.act = act, ACTIVATION_FNS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gu = self.gate_up(x)
+        if self.act_name == "silu" and kernels.usable(gu):  # one pass instead of slice, silu, slice, mul
+            return self.down_proj(torch.ops.omnimini_cpu.silu_mul(gu.reshape(-1, 2 * self.inter)).view(
+                *gu.shape[:-1], self.inter))
         return self.down_proj(self.act(gu[..., : self.inter]) * gu[..., self.inter:])
 
     @classmethod
@@ -160,9 +206,9 @@ LINEARS = {"int8": Int8Linear, "fp16": Fp16Linear}
 def _quantize_attention(attn: Attention, linear) -> None:
     projs = [attn.q_proj, attn.k_proj, attn.v_proj]
     bias = None if projs[0].bias is None else torch.cat([p.bias for p in projs])
-    attn.qkv = linear(torch.cat([p.weight for p in projs]), bias)  # one fused matmul per layer
+    attn.qkv = fused_linear(linear, [p.weight for p in projs], bias)  # one fused matmul per layer
     attn.q_proj = attn.k_proj = attn.v_proj = None
-    attn.o_proj = linear.from_linear(attn.o_proj)
+    attn.o_proj = linear(attn.o_proj.weight, attn.o_proj.bias)
 
 
 def _quantize_moe(moe: MoE, linear) -> None:
@@ -176,9 +222,10 @@ def _quantize_moe(moe: MoE, linear) -> None:
 
 
 @torch.no_grad()
-def quantize_model(model, mode: str = "int8", calib_ids: list[int] | None = None):
-    """Quantize `model` in place for CPU inference; returns it. mode: int8 | fp16 | none (int4: see module doc).
-    int8 with `calib_ids` (tokens of ordinary text) first moves activation outliers into the weights (smooth.py)."""
+def quantize_model(model, mode: str = "int8", calib_ids: list[int] | None = None, native: dict | None = None):
+    """Quantize `model` in place for CPU inference; returns it. mode: q8_0 | q4_0 | q4_1 | int8 | fp16 | none
+    (int4: see module doc). int8 with `calib_ids` (tokens of ordinary text) first moves activation outliers into
+    the weights (smooth.py). `native` (block modes): weights already in a block format, see BlockLinears."""
     if mode not in MODES:
         raise QuantizeError(f"unknown quantization mode {mode!r} (choose one of: {', '.join(MODES)})")
     if mode == "none":
@@ -191,7 +238,7 @@ def quantize_model(model, mode: str = "int8", calib_ids: list[int] | None = None
         raise QuantizeError(f"{mode} quantization uses fbgemm CPU kernels: load the model on cpu (on GPU use bf16)")
     if model.training:
         raise QuantizeError("quantize_model is for inference; call model.eval() first")
-    linear = LINEARS[mode]
+    linear = BlockLinears(mode, native) if mode in BLOCK_MODES else LINEARS[mode]
     if mode == "int8" and calib_ids:
         from omnimini.engine.smooth import smooth_model
 
@@ -203,7 +250,8 @@ def quantize_model(model, mode: str = "int8", calib_ids: list[int] | None = None
         else:
             blk.mlp = QuantSwiGLU.from_swiglu(blk.mlp, linear)
     head = model.embed.weight if model.lm_head is None else model.lm_head.weight
-    model.lm_head = linear(head)  # OmniModel.output_head calls lm_head whenever it is set, tied or not
+    # OmniModel.output_head calls lm_head whenever it is set, tied or not
+    model.lm_head = linear(head, fmt="q8_0") if isinstance(linear, BlockLinears) else linear(head)
     model.quantization = mode
     return model
 

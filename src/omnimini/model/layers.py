@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omnimini import kernels
 from omnimini.config import ModelConfig
 
 
@@ -18,6 +19,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.usable(x) and self.weight.dtype == torch.float32:  # inference: one pass over x, no dispatch
+            return torch.ops.omnimini_cpu.rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op (decode is op-bound)
         # normalise in float32 so bf16 activations on GPU keep their precision here
@@ -105,6 +108,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=False)
         self.qkv = None  # the engine may fuse q/k/v into one (quantized) matmul: one call, one read of x
         self.scale = cfg.attn_scale  # None: SDPA's 1/sqrt(head_dim)
+        self.window = cfg.sliding_window if cfg.layer_slides(layer) else None  # for the decode kernel
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps), RMSNorm(self.d, cfg.rms_norm_eps)
@@ -114,6 +118,8 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, positions, cache: KVCache | None = None, slots=None, attn_mask=None):
         B, T, _ = x.shape
+        if T == 1 and cache is not None and self._native_decode(x, cache):
+            return self.o_proj(self._decode_step(x, rope, positions, cache, slots))
         if self.qkv is not None:
             q, k, v = self.qkv(x).split([self.h * self.d, self.kvh * self.d, self.kvh * self.d], dim=-1)
         else:
@@ -135,6 +141,21 @@ class Attention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa, scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.h * self.d))
+
+    def _native_decode(self, x, cache: KVCache) -> bool:
+        """One new token per sequence, inference on CPU in float32 with fused q/k/v: omnimini's attention kernel
+        (rotary, cache write and attention over the cache in one op) when the kernels are available."""
+        return (self.qkv is not None and self.qk_norm in (None, "none") and cache.k[self.layer].dtype == torch.float32
+                and kernels.usable(x))
+
+    def _decode_step(self, x, rope, positions, cache: KVCache, slots):
+        B = x.shape[0]
+        cos, sin = (t.reshape(B, self.d) for t in rope)  # [B, 1, 1, D]: the model's own angles
+        rows = slots if slots is not None else torch.arange(B)
+        out = torch.ops.omnimini_cpu.attn_decode(self.qkv(x.view(B, -1)), cache.k[self.layer],
+                                                 cache.v[self.layer], rows, positions.view(B), cos, sin,
+                                                 self.h, self.kvh, self.scale or 0.0, self.window or 0)
+        return out.view(B, 1, self.h * self.d)
 
     def _cache_update(self, cache: KVCache, k, v, positions, slots):
         kc, vc = cache.k[self.layer], cache.v[self.layer]

@@ -16,7 +16,7 @@ from omnimini.model.vision import VisionEncoder
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None with logits_for="none"
     loss: torch.Tensor | None = None  # LM loss (+ weighted router losses when training an MoE)
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None  # mean Switch balance loss over MoE layers
@@ -110,7 +110,8 @@ class OmniModel(nn.Module):
                 logits_for: str = "all") -> ModelOutput:
         """input_ids [B, T]. Without a cache: causal attention (plus key padding from attention_mask [B, T]).
         With a cache: tokens are written at `positions` [B, T] (rows `slots` of the cache) and attend to every
-        cached key at a position <= their own. logits_for="last" computes logits only for the last position.
+        cached key at a position <= their own. logits_for="last" computes logits only for the last position;
+        "none" skips the LM head (embeddings read `hidden`, the final normed hidden states).
         """
         B, T = input_ids.shape
         if positions is None:
@@ -134,7 +135,9 @@ class OmniModel(nn.Module):
             if s is not None:
                 stats.append(s)
         h = self.norm(x)
-        logits = self.output_head(h[:, -1:] if logits_for == "last" else h)
+        if logits_for == "none" and labels is not None:
+            raise ValueError('logits_for="none" cannot compute a loss')
+        logits = None if logits_for == "none" else self.output_head(h[:, -1:] if logits_for == "last" else h)
         out = ModelOutput(logits=logits, hidden=h)
         if stats:
             out.expert_load = torch.stack([s["load"] for s in stats])

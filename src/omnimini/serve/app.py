@@ -7,52 +7,39 @@ import json
 import logging
 import secrets
 import weakref
-from collections.abc import AsyncIterator
-from contextlib import aclosing, asynccontextmanager
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
 
-from omnimini.engine.scheduler import EngineError, EngineEvent, EngineRequest
-from omnimini.engine.tools import ToolStreamParser, parse_tool_calls
+from omnimini.engine.scheduler import EngineError, EngineRequest
+from omnimini.serve import embeddings as E
+from omnimini.serve import generation as G
 from omnimini.serve import protocol as P
 from omnimini.serve.batch_routes import install_batch_api
 from omnimini.serve.batch_runner import BatchRunner
 from omnimini.serve.batch_store import BatchStore
 from omnimini.serve.config import ServeConfig, add_serve_args, serve_config_from_args
-from omnimini.serve.errors import APIError, install_handlers, validation_error
+from omnimini.serve.errors import APIError, install_handlers, parse_body
 from omnimini.serve.files import FileStore
 from omnimini.serve.limits import BodySizeLimit, ConcurrencyLimiter
 from omnimini.serve.metrics import Metrics
 from omnimini.serve.prepare import PreparedChat, prepare_chat, prepare_completion
 from omnimini.serve.registry import ModelRegistry, ServedModel, load_registry
-from omnimini.serve.store import Store
+from omnimini.serve.responses_routes import install_responses
+from omnimini.serve.responses_store import ResponseStore
+from omnimini.serve.store import Store, StoreError
 
 __all__ = ["ServeConfig", "add_serve_args", "build_app", "run_server", "serve_config_from_args"]
 
 log = logging.getLogger("omnimini.serve")
 STATIC = Path(__file__).parent / "static"
-FINISH = {"stop": "stop", "length": "length", "abort": "stop"}
 
 
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-class _Lease:
-    """One slot of the concurrency limiter, released exactly once (also if a stream never starts)."""
-
-    def __init__(self, limiter: ConcurrencyLimiter):
-        limiter.acquire()
-        self.limiter, self.held = limiter, True
-
-    def release(self) -> None:
-        if self.held:
-            self.held = False
-            self.limiter.release()
 
 
 class _CountRequests:
@@ -79,13 +66,16 @@ class _CountRequests:
 
 
 def build_app(config: ServeConfig, registry: ModelRegistry | None = None) -> FastAPI:
+    try:  # before loading models: a bad --state-dir should fail in a second, not after the weights
+        store = Store(config.state_dir)
+    except StoreError as e:
+        raise ValueError(f"--state-dir: {e}") from None
     registry = registry or load_registry(
         config.models, config.aliases, config.quantize, max_batch=config.max_batch,
         max_context=config.max_context, kv_budget_tokens=config.kv_budget_tokens, prefill_chunk=config.prefill_chunk,
         compile_decode=config.compile_decode, prefix_cache_tokens=config.prefix_cache_tokens)
     limiter = ConcurrencyLimiter(config.limits.max_concurrent, config.limits.retry_after_s)
     metrics = Metrics(registry)
-    store = Store(config.state_dir)
     files, batches = FileStore(store), BatchStore(store)
     runner: BatchRunner | None = None
 
@@ -99,6 +89,7 @@ def build_app(config: ServeConfig, registry: ModelRegistry | None = None) -> Fas
 
     app = FastAPI(title="omnimini", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.registry, app.state.config, app.state.limiter = registry, config, limiter
+    app.state.store = store  # the state database (stored responses; other features add their table sets)
     install_handlers(app)
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"],
@@ -157,7 +148,7 @@ def build_app(config: ServeConfig, registry: ModelRegistry | None = None) -> Fas
         body = await parse_body(request, P.ChatCompletionRequest)
         served = registry.get(body.model)
         prep = await prepare_chat(body, served, config)
-        lease = _Lease(limiter)
+        lease = G.Lease(limiter)
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
             gen = _chat_stream(served, prep, body.model, include, lease)
@@ -173,7 +164,7 @@ def build_app(config: ServeConfig, registry: ModelRegistry | None = None) -> Fas
         body = await parse_body(request, P.CompletionRequest)
         served = registry.get(body.model)
         reqs = prepare_completion(body, served, config)
-        lease = _Lease(limiter)
+        lease = G.Lease(limiter)
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
             gen = _completion_stream(served, reqs, body, include, lease)
@@ -184,6 +175,25 @@ def build_app(config: ServeConfig, registry: ModelRegistry | None = None) -> Fas
         finally:
             lease.release()
 
+    embedders: dict[str, E.Embedder] = {}
+
+    @app.post("/v1/embeddings", dependencies=[Depends(auth)])
+    async def embeddings(request: Request):
+        body = await parse_body(request, E.EmbeddingsRequest)
+        served = registry.get(body.model)
+        E.check_dimensions(body.dimensions, served.model.config.hidden_size)
+        inputs = E.token_inputs(body, served.tokenizer, served.context)
+        embed = embedders.setdefault(served.id, E.Embedder(served.model, served.engine.pad_id))
+        lease = G.Lease(limiter)
+        try:
+            vecs = await asyncio.to_thread(embed, inputs)
+        finally:
+            lease.release()
+        return E.embeddings_response(body.model, E.shape_vectors(vecs, body.dimensions), body.encoding_format,
+                                     sum(len(x) for x in inputs))
+
+    install_responses(app, auth, ResponseStore(store))
+
     keys_list = sorted(keys)
     runner = BatchRunner(app, batches, files, config.batch_concurrency, keys_list[0] if keys_list else None)
     install_batch_api(app, auth, files, batches, runner, registry, config.limits.max_file_bytes,
@@ -191,150 +201,46 @@ def build_app(config: ServeConfig, registry: ModelRegistry | None = None) -> Fas
     return app
 
 
-async def parse_body(request: Request, model: type[BaseModel]):
-    """JSON body -> request model (whatever the Content-Type says); errors become OpenAI-shaped 400s."""
-    raw = await request.body()
-    try:
-        obj = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"We could not parse the JSON body of your request ({e.msg if hasattr(e, 'msg') else e})."
-                       " The OpenAI API expects a JSON payload.") from None
-    if not isinstance(obj, dict):
-        raise APIError(400, "The request body must be a JSON object.")
-    try:
-        return model.model_validate(obj)
-    except ValidationError as e:
-        raise validation_error(e.errors()) from None
-
-
-# ---- generation helpers -------------------------------------------------------------------------------------
-
-async def _merged(served: ServedModel, reqs: list[EngineRequest]) -> AsyncIterator[tuple[int, EngineEvent]]:
-    """Events of several engine requests as one stream of (request number, event)."""
-    if len(reqs) == 1:
-        async with aclosing(served.engine.stream(reqs[0])) as events:
-            async for ev in events:
-                yield 0, ev
-        return
-    q: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i, r):
-        try:
-            async with aclosing(served.engine.stream(r)) as events:
-                async for ev in events:
-                    await q.put((i, ev))
-        except Exception as e:  # handed to the consumer
-            await q.put((i, e))
-        await q.put((i, None))
-
-    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(reqs)]
-    try:
-        left = len(tasks)
-        while left:
-            i, ev = await q.get()
-            if ev is None:
-                left -= 1
-            elif isinstance(ev, Exception):
-                raise ev
-            else:
-                yield i, ev
-    finally:
-        for t in tasks:
-            t.cancel()
-
-
-async def _watch_disconnect(request: Request, task: asyncio.Task) -> None:
-    while not task.done():
-        if await request.is_disconnected():
-            task.cancel()
-            return
-        await asyncio.sleep(0.25)
-
-
-async def _run_until_done(coro, request: Request):
-    """Run a non-streaming generation, cancelling it (and freeing its slots) if the client goes away."""
-    task = asyncio.ensure_future(coro)
-    watcher = asyncio.create_task(_watch_disconnect(request, task))
-    try:
-        return await task
-    except asyncio.CancelledError:
-        return Response(status_code=499)
-    finally:
-        watcher.cancel()
-
-
-def _engine_error(e: Exception) -> APIError:
-    return APIError(500, f"Generation failed: {e}", code="engine_error")
-
+# ---- chat / completions output ------------------------------------------------------------------------------
 
 async def _chat_full(served: ServedModel, prep: PreparedChat, model_name: str, request: Request):
-    async def collect():
-        n = prep.request.n
-        texts, lps = [[] for _ in range(n)], [[] for _ in range(n)]
-        reasons, toks = [None] * n, [0] * n
-        cached = 0
-        try:
-            async for _, ev in _merged(served, [prep.request]):
-                cached = max(cached, ev.cached_tokens)
-                texts[ev.index].append(ev.text)
-                lps[ev.index].extend(ev.logprobs)
-                if ev.finish_reason:
-                    reasons[ev.index], toks[ev.index] = ev.finish_reason, ev.completion_tokens
-        except EngineError as e:
-            raise _engine_error(e) from None
-        choices = []
-        for i in range(n):
-            text, reason = "".join(texts[i]), FINISH.get(reasons[i], "stop")
-            msg = {"role": "assistant", "content": text, "refusal": None}
-            if prep.tool_mode:
-                content, calls = parse_tool_calls(text, prep.tool_mode == "forced", prep.parallel_tools)
-                if calls:
-                    msg = {"role": "assistant", "content": content, "refusal": None,
-                           "tool_calls": [c.to_openai() for c in calls]}
-                    reason = "tool_calls"
-            choices.append({"index": i, "message": msg, "finish_reason": reason,
-                            "logprobs": P.chat_logprobs(lps[i]) if prep.request.params.logprobs else None})
-        return P.chat_completion(P.new_id("chatcmpl"), P.now(), model_name, choices,
-                                 P.usage(prep.prompt_tokens, sum(toks), cached))
+    async def build():
+        choices = await G.collect(served, prep)
+        out = []
+        for c in choices:
+            msg = {"role": "assistant", "content": c.content, "refusal": None}
+            if c.calls:
+                msg["tool_calls"] = [t.to_openai() for t in c.calls]
+            out.append({"index": c.index, "message": msg, "finish_reason": c.finish_reason,
+                        "logprobs": P.chat_logprobs(c.logprobs) if prep.request.params.logprobs else None})
+        use = P.usage(prep.prompt_tokens, sum(c.completion_tokens for c in choices),
+                      max(c.cached_tokens for c in choices))
+        return P.chat_completion(P.new_id("chatcmpl"), P.now(), model_name, out, use)
 
-    return await _run_until_done(collect(), request)
+    return await G.run_until_done(build(), request)
 
 
-async def _chat_stream(served, prep: PreparedChat, model_name: str, include_usage: bool, lease: _Lease):
+async def _chat_stream(served, prep: PreparedChat, model_name: str, include_usage: bool, lease: G.Lease):
     rid, created, n = P.new_id("chatcmpl"), P.now(), prep.request.n
     chunk = lambda choices, use=None: _sse(P.chat_chunk(rid, created, model_name, choices, use))  # noqa: E731
-    parsers = [ToolStreamParser(prep.tool_mode == "forced", prep.parallel_tools) if prep.tool_mode else None
-               for _ in range(n)]
     toks, cached = [0] * n, 0
     try:
         for i in range(n):
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None}])
-        async for _, ev in _merged(served, [prep.request]):
-            i, parser = ev.index, parsers[ev.index]
-            cached = max(cached, ev.cached_tokens)
-            text = parser.feed(ev.text) if parser else ev.text
-            lp = P.chat_logprobs(ev.logprobs) if ev.logprobs else None
-            if text or lp:
-                yield chunk([{"index": i, "delta": {"content": text}, "logprobs": lp, "finish_reason": None}])
-            if ev.finish_reason is None:
+        async for p in G.pieces(served, prep):
+            i = p.index
+            if p.finish_reason is None:
+                lp = P.chat_logprobs(p.logprobs) if p.logprobs else None
+                yield chunk([{"index": i, "delta": {"content": p.text}, "logprobs": lp, "finish_reason": None}])
                 continue
-            toks[i] = ev.completion_tokens
-            reason = FINISH.get(ev.finish_reason, "stop")
-            if parser:
-                rest, calls = parser.finish()
-                if rest:
-                    yield chunk([{"index": i, "delta": {"content": rest}, "logprobs": None, "finish_reason": None}])
-                for k, c in enumerate(calls):
-                    head = {"index": k, "id": c.id, "type": "function", "function": {"name": c.name, "arguments": ""}}
-                    yield chunk([{"index": i, "delta": {"tool_calls": [head]}, "logprobs": None,
-                                  "finish_reason": None}])
-                    args = {"index": k, "function": {"arguments": c.arguments}}
-                    yield chunk([{"index": i, "delta": {"tool_calls": [args]}, "logprobs": None,
-                                  "finish_reason": None}])
-                if calls:
-                    reason = "tool_calls"
-            yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}])
+            toks[i], cached = p.completion_tokens, max(cached, p.cached_tokens)
+            for k, c in enumerate(p.calls):
+                head = {"index": k, "id": c.id, "type": "function", "function": {"name": c.name, "arguments": ""}}
+                yield chunk([{"index": i, "delta": {"tool_calls": [head]}, "logprobs": None, "finish_reason": None}])
+                args = {"index": k, "function": {"arguments": c.arguments}}
+                yield chunk([{"index": i, "delta": {"tool_calls": [args]}, "logprobs": None, "finish_reason": None}])
+            yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": p.finish_reason}])
         if include_usage:
             yield chunk([], P.usage(prep.prompt_tokens, sum(toks), cached))
         yield "data: [DONE]\n\n"
@@ -351,32 +257,36 @@ async def _completion_full(served, reqs: list[EngineRequest], body: P.Completion
         n = body.n
         parts: dict[int, dict] = {}
         try:
-            async for ri, ev in _merged(served, reqs):
-                c = parts.setdefault(ri * n + ev.index, {"text": [], "lp": [], "reason": None, "toks": 0})
+            async for ri, ev in G.merged(served, reqs):
+                c = parts.setdefault(ri * n + ev.index, {"text": [], "lp": [], "reason": None, "toks": 0, "cached": 0})
                 c["text"].append(ev.text)
                 c["lp"].extend(ev.logprobs)
                 if ev.finish_reason:
-                    c["reason"], c["toks"] = ev.finish_reason, ev.completion_tokens
+                    c["reason"], c["toks"], c["cached"] = ev.finish_reason, ev.completion_tokens, ev.cached_tokens
         except EngineError as e:
-            raise _engine_error(e) from None
+            raise G.engine_error(e) from None
         choices = []
         for idx in sorted(parts):
             c = parts[idx]
             prefix = tok.decode(reqs[idx // n].prompt_ids) if body.echo else ""
             choices.append({"index": idx, "text": prefix + "".join(c["text"]),
                             "logprobs": P.completion_logprobs(c["lp"], len(prefix)) if body.logprobs is not None
-                            else None, "finish_reason": FINISH.get(c["reason"], "stop")})
+                            else None, "finish_reason": G.FINISH.get(c["reason"], "stop")})
         prompt_tokens = sum(len(r.prompt_ids) for r in reqs)
+        # each prompt is its own engine request: its choices share one cached prefix, so count it once
+        cached = sum(max((c["cached"] for i, c in parts.items() if i // n == ri), default=0)
+                     for ri in range(len(reqs)))
         return {"id": P.new_id("cmpl"), "object": "text_completion", "created": P.now(), "model": body.model,
                 "system_fingerprint": "omnimini", "choices": choices,
-                "usage": P.usage(prompt_tokens, sum(c["toks"] for c in parts.values()))}
+                "usage": P.usage(prompt_tokens, sum(c["toks"] for c in parts.values()), cached)}
 
-    return await _run_until_done(collect(), request)
+    return await G.run_until_done(collect(), request)
 
 
-async def _completion_stream(served, reqs, body: P.CompletionRequest, include_usage: bool, lease: _Lease):
+async def _completion_stream(served, reqs, body: P.CompletionRequest, include_usage: bool, lease: G.Lease):
     rid, created, n = P.new_id("cmpl"), P.now(), body.n
     toks: dict[int, int] = {}
+    cached: dict[int, int] = {}
 
     def chunk(choices, use=None):
         return _sse({"id": rid, "object": "text_completion", "created": created, "model": body.model,
@@ -388,16 +298,17 @@ async def _completion_stream(served, reqs, body: P.CompletionRequest, include_us
                 for j in range(n):
                     yield chunk([{"index": ri * n + j, "text": served.tokenizer.decode(r.prompt_ids),
                                   "logprobs": None, "finish_reason": None}])
-        async for ri, ev in _merged(served, reqs):
+        async for ri, ev in G.merged(served, reqs):
             idx = ri * n + ev.index
             lp = P.completion_logprobs(ev.logprobs, 0) if body.logprobs is not None and ev.logprobs else None
-            reason = FINISH.get(ev.finish_reason) if ev.finish_reason else None
+            reason = G.FINISH.get(ev.finish_reason) if ev.finish_reason else None
             if ev.text or lp or reason:
                 yield chunk([{"index": idx, "text": ev.text, "logprobs": lp, "finish_reason": reason}])
             if ev.finish_reason:
                 toks[idx] = ev.completion_tokens
+                cached[ri] = max(cached.get(ri, 0), ev.cached_tokens)
         if include_usage:
-            yield chunk([], P.usage(sum(len(r.prompt_ids) for r in reqs), sum(toks.values())))
+            yield chunk([], P.usage(sum(len(r.prompt_ids) for r in reqs), sum(toks.values()), sum(cached.values())))
         yield "data: [DONE]\n\n"
     except EngineError as e:
         yield _sse(P.error_body(f"Generation failed: {e}", "server_error", None, "engine_error"))

@@ -6,6 +6,7 @@ import argparse
 import os
 from dataclasses import dataclass, field
 
+from omnimini.config import QUANTIZE_MODES
 from omnimini.serve.limits import ServeLimits
 
 API_KEY_ENV = "OMNIMINI_API_KEY"
@@ -57,7 +58,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=d.port)
     p.add_argument("--api-key", action="append", dest="api_keys", default=[],
                    help=f"require this bearer key (repeatable; also env {API_KEY_ENV}, comma-separated)")
-    p.add_argument("--quantize", default=d.quantize, choices=["none", "fp16", "int8", "int4"],
+    p.add_argument("--quantize", default=d.quantize, choices=QUANTIZE_MODES,
                    help="CPU weight format: fp16 (default; greedy outputs as float32), int8 (fastest), none")
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="sequences decoded together")
     p.add_argument("--max-context", type=int, default=d.max_context, help="max tokens per sequence (KV rows)")

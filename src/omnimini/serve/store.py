@@ -72,7 +72,8 @@ class Store:
                 yield self._db
                 self._db.execute("COMMIT")
             except BaseException as e:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite rolls back by itself on some errors (a full disk)
+                    self._db.execute("ROLLBACK")
                 if isinstance(e, sqlite3.Error):
                     raise StoreError(f"writing the state database failed: {e}") from e
                 raise

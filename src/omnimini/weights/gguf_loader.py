@@ -241,6 +241,25 @@ def convert_tensors(reader, cfg: ModelConfig, progress: bool = True) -> dict[str
     return state
 
 
+def block_tensors(reader, cfg: ModelConfig, types: tuple[str, ...]) -> dict[str, tuple[str, torch.Tensor]]:
+    """The 2-D tensors stored in one of `types` (GGUF type names, e.g. "Q4_1"), as their raw blocks: omnimini
+    name -> (type name lower-cased, uint8 [rows, bytes per row], GGUF name), Q/K rows in rotate-half order.
+    For kernels that use GGUF's blocks as they are (engine/quant.py); experts are not included."""
+    out = {}
+    for t in reader.tensors:
+        kind = t.tensor_type.name
+        if kind not in types or len(t.shape) != 2 or _EXPS.match(t.name):
+            continue
+        name = _rename(t.name)
+        raw = np.asarray(t.data).reshape(int(t.shape[1]), -1)
+        if name.endswith("attn.q_proj.weight"):
+            raw = unpermute_qk(raw, cfg.num_heads)
+        elif name.endswith("attn.k_proj.weight"):
+            raw = unpermute_qk(raw, cfg.num_kv_heads)
+        out[name] = (kind.lower(), torch.from_numpy(np.array(raw, dtype=np.uint8)), t.name)  # a copy, not the mmap
+    return out
+
+
 # ---- tokenizer -----------------------------------------------------------------------------------------------
 
 def tokenizer_from_gguf(meta: dict):
@@ -294,11 +313,12 @@ def tokenizer_from_gguf(meta: dict):
 
 # ---- entry point ---------------------------------------------------------------------------------------------
 
-def load_gguf(path, device="cpu", dtype=torch.float32, progress: bool = True):
-    """Load a GGUF file -> (OmniModel, Tokenizer)."""
+def load_gguf(path, device="cpu", dtype=torch.float32, progress: bool = True, reader=None):
+    """Load a GGUF file -> (OmniModel, Tokenizer). `reader`: the file already opened (parsing its metadata
+    takes seconds), e.g. by a caller that also reads its raw blocks."""
     from omnimini.weights.hf import check_vocab
 
-    reader = open_gguf(path)
+    reader = reader or open_gguf(path)
     meta = metadata(reader)
     cfg = config_from_gguf(meta, {t.name for t in reader.tensors})
     tok = tokenizer_from_gguf(meta)

@@ -1,0 +1,210 @@
+// y = x W^T for weights stored in GGUF block formats (Q8_0, Q4_0, Q4_1), AVX2 + FMA + F16C.
+//
+// The activations are quantized inside the op to int8 per block of 32 (scale d = max|x| / 127, and the block's
+// sum d * sum(q) for the formats with an offset), so each block's dot product is an integer one: 32 byte
+// products with one maddubs instruction. Each weight block is unpacked once and used for up to 4 activation
+// rows (small batches), and output rows are split across threads. Block layouts are GGUF's own:
+//   Q8_0: fp16 d, int8 q[32]                     w = d * q
+//   Q4_0: fp16 d, uint8 qs[16] (two nibbles)      w = d * (q - 8)
+//   Q4_1: fp16 d, fp16 m, uint8 qs[16]            w = d * q + m
+// where byte j of qs holds element j in its low nibble and element j + 16 in its high nibble.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+constexpr int QK = 32;
+enum Format : int64_t { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2 };
+
+template <int F> constexpr int block_bytes() { return F == Q8_0 ? 34 : F == Q4_0 ? 18 : 20; }
+
+inline float half_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// One row of K floats -> K/32 int8 blocks q, their scales d and d * sum(q) in s.
+void quantize_row(const float* x, int64_t nb, int8_t* q, float* d, float* s) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* xb = x + b * QK;
+    __m256 v[4];
+    __m256 amax = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_loadu_ps(xb + 8 * i);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+    }
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    const float mx = _mm_cvtss_f32(m);
+    const float scale = mx / 127.0f;
+    const __m256 inv = _mm256_set1_ps(mx > 0.0f ? 127.0f / mx : 0.0f);
+    __m256i n[4];
+    for (int i = 0; i < 4; ++i)
+      n[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    __m256i total = _mm256_add_epi32(_mm256_add_epi32(n[0], n[1]), _mm256_add_epi32(n[2], n[3]));
+    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+    t = _mm_hadd_epi32(t, t);
+    t = _mm_hadd_epi32(t, t);
+    // packs work within 128-bit lanes: the permute puts the 32 bytes back in element order
+    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]), _mm256_packs_epi32(n[2], n[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * QK), _mm256_permutevar8x32_epi32(p, order));
+    d[b] = scale;
+    s[b] = scale * static_cast<float>(_mm_cvtsi128_si32(t));
+  }
+}
+
+// The 32 weights of a block as bytes: int8 for Q8_0, 0..15 for the 4-bit formats.
+template <int F> inline __m256i unpack(const uint8_t* blk) {
+  if constexpr (F == Q8_0) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+  } else {
+    const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (F == Q4_1 ? 4 : 2)));
+    const __m256i both = _mm256_set_m128i(_mm_srli_epi16(lo, 4), lo);
+    return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+  }
+}
+
+struct Acts {  // quantized activations of M rows
+  const int8_t* q;
+  const float* d;
+  const float* s;
+  int64_t nb;
+};
+
+// out[m, n] for rows m0..m0+R-1 and weight rows n0..n1-1. With R == 1 two accumulators alternate between blocks
+// so the FMA latency does not serialise the loop.
+template <int F, int R>
+void tile(const uint8_t* W, int64_t row_bytes, int64_t n0, int64_t n1, const Acts& a, int64_t m0, float* out,
+          int64_t N) {
+  constexpr int A = R == 1 ? 2 : 1;
+  constexpr int BB = block_bytes<F>();
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t nb = a.nb;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* w = W + n * row_bytes;
+    __m256 acc[R][A];
+    float off[R][A];
+    for (int r = 0; r < R; ++r)
+      for (int k = 0; k < A; ++k) {
+        acc[r][k] = _mm256_setzero_ps();
+        off[r][k] = 0.0f;
+      }
+    for (int64_t b = 0; b < nb; ++b) {
+      const int k = A == 2 ? static_cast<int>(b & 1) : 0;
+      const uint8_t* blk = w + b * BB;
+      const __m256i wq = unpack<F>(blk);
+      const float dw = half_at(blk);
+      const __m256i wabs = F == Q8_0 ? _mm256_sign_epi8(wq, wq) : wq;
+      for (int r = 0; r < R; ++r) {
+        const int64_t row = (m0 + r) * nb + b;
+        const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + row * QK));
+        // maddubs multiplies unsigned by signed bytes: Q8_0 moves the weight's sign onto the activation
+        const __m256i prod = F == Q8_0 ? _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xq, wq))
+                                       : _mm256_maddubs_epi16(wabs, xq);
+        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(prod, ones));
+        acc[r][k] = _mm256_fmadd_ps(dot, _mm256_set1_ps(dw * a.d[row]), acc[r][k]);
+        if constexpr (F == Q4_0) off[r][k] -= 8.0f * dw * a.s[row];
+        if constexpr (F == Q4_1) off[r][k] += half_at(blk + 2) * a.s[row];
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      float y = hsum(acc[r][0]) + off[r][0];
+      if constexpr (A == 2) y += hsum(acc[r][1]) + off[r][1];
+      out[(m0 + r) * N + n] = y;
+    }
+  }
+}
+
+template <int F>
+void matmul(const uint8_t* W, int64_t row_bytes, int64_t N, const Acts& a, int64_t M, float* out) {
+  // rows in chunks small enough that a chunk's weights stay in L1/L2 while every activation tile passes by
+  constexpr int64_t CHUNK = 16;
+  const int64_t grain = M == 1 ? 64 : CHUNK;
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t n0 = begin; n0 < end; n0 += CHUNK) {
+      const int64_t n1 = std::min(n0 + CHUNK, end);
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) tile<F, 4>(W, row_bytes, n0, n1, a, m, out, N);
+      switch (M - m) {
+        case 3: tile<F, 3>(W, row_bytes, n0, n1, a, m, out, N); break;
+        case 2: tile<F, 2>(W, row_bytes, n0, n1, a, m, out, N); break;
+        case 1: tile<F, 1>(W, row_bytes, n0, n1, a, m, out, N); break;
+        default: break;
+      }
+    }
+  });
+}
+
+int64_t bytes_for(int64_t fmt) {
+  switch (fmt) {
+    case Q8_0: return block_bytes<Q8_0>();
+    case Q4_0: return block_bytes<Q4_0>();
+    case Q4_1: return block_bytes<Q4_1>();
+    default: TORCH_CHECK(false, "omnimini qlinear: unknown block format ", fmt);
+  }
+}
+
+// x [M, K] float32, w [N, K/32 * block bytes] uint8 -> [M, N] float32
+at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t fmt, int64_t n_out) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "qlinear: x must be a 2-D float32 tensor");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte, "qlinear: w must be a 2-D uint8 tensor of blocks");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(N == n_out, "qlinear: weight has ", N, " rows, expected ", n_out);
+  TORCH_CHECK(K % QK == 0, "qlinear: K=", K, " is not a multiple of 32");
+  const int64_t nb = K / QK;
+  TORCH_CHECK(w.size(1) == nb * bytes_for(fmt), "qlinear: weight rows hold ", w.size(1), " bytes, expected ",
+              nb * bytes_for(fmt), " for K=", K);
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor wc = w.contiguous();
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor ds = at::empty({2, M, nb}, x.options());
+  const float* xp = xc.data_ptr<float>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* dp = ds.data_ptr<float>();
+  float* sp = dp + M * nb;
+  at::parallel_for(0, M, 8, [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) quantize_row(xp + m * K, nb, qp + m * K, dp + m * nb, sp + m * nb);
+  });
+  const Acts a{qp, dp, sp, nb};
+  const uint8_t* wp = wc.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  switch (fmt) {
+    case Q8_0: matmul<Q8_0>(wp, wc.size(1), N, a, M, op); break;
+    case Q4_0: matmul<Q4_0>(wp, wc.size(1), N, a, M, op); break;
+    case Q4_1: matmul<Q4_1>(wp, wc.size(1), N, a, M, op); break;
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(omnimini_cpu, m) {
+  m.def("qlinear(Tensor x, Tensor w, int fmt, int n_out) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(omnimini_cpu, CPU, m) {
+  m.impl("qlinear", &qlinear);
+}

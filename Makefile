@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test test-slow lint bench setup browser
+.PHONY: serve test test-slow lint bench setup browser omnimini-vl
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,3 +33,7 @@ test: $(STAMP) browser
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow $(ARGS)
+
+# rebuild the shipped vision weights of omnimini-vl from scratch (resumable: re-run continues; see README)
+omnimini-vl: $(STAMP)
+	$(BIN)/python -m omnimini.vl.train --out runs/omnimini-vl --threads $${THREADS:-2} --install $(ARGS)

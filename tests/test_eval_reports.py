@@ -144,3 +144,50 @@ def test_cli_endpoint_run_writes_results(tmp_path, capsys):
     res = json.loads((tmp_path / "o" / "results.json").read_text())
     assert res["tasks"]["mmlu"]["n_items"] == 2 and res["tasks"]["mmlu"]["n_failed"] == 2
     assert "results:" in capsys.readouterr().out
+
+
+def test_image_controls_score_the_same_items_with_a_blank_and_a_mismatched_image(capsys):
+    """An oracle that reads the answer off the image scores 1.0 with the real image and drops with the controls,
+    whose rows sit next to the real score in the summary; a text task has no control rows."""
+    from omnimini.eval.runner import format_summary
+
+    tasks = get_tasks("scene_qa,shapes")
+    answers = {}
+    for t in tasks:
+        for it in t.load(TaskOptions(limit=12)):
+            answers[_key(it.messages[0])] = it.target
+    # unknown (image, question) pairs, i.e. control images, get an answer that is never right
+    oracle = InProcessClient(lambda batch, p: [answers.get(_key(m[0]), "I cannot tell") for m in batch],
+                             model_id="image-oracle")
+    res = run(oracle, RunConfig(tasks=[t.name for t in tasks], limit=12, image_controls=["blank", "mismatched"]),
+              tasks)
+    for name in ("scene_qa", "shapes"):
+        tr = res["tasks"][name]
+        assert tr["metrics"]["overall"]["mean"] == 1.0
+        assert set(tr["controls"]) == {"blank", "mismatched"}
+        for ctl in tr["controls"].values():
+            assert ctl["n_items"] == 12 and ctl["metrics"]["overall"]["mean"] == 0.0
+            assert all(i["image_control"] in ("blank", "mismatched") for i in ctl["items"])
+    text = format_summary(res)
+    assert "blank image (gap +100.0)" in text and "mismatched image (gap +100.0)" in text
+
+
+def test_image_control_items_change_only_the_image():
+    task = get_tasks("scene_qa")[0]
+    items = task.load(TaskOptions(limit=3))
+    blank = task.with_image_control(items, "blank")
+    mism = task.with_image_control(items, "mismatched")
+    for i, (a, b, m) in enumerate(zip(items, blank, mism, strict=True)):
+        img = lambda it: it.messages[0]["content"][0]["image"]  # noqa: E731
+        txt = lambda it: it.messages[0]["content"][1]["text"]  # noqa: E731
+        assert txt(a) == txt(b) == txt(m) and a.target == b.target == m.target
+        assert img(b).getextrema() == tuple((v, v) for v in img(b).getpixel((0, 0)))  # one colour: nothing to see
+        assert img(m).tobytes() == img(items[(i + 1) % 3]).tobytes()
+    assert get_tasks("mmlu")[0].with_image_control([], "blank") is None
+    with pytest.raises(Exception, match="unknown image control"):
+        task.with_image_control(items, "noise")
+
+
+def test_eval_cli_rejects_an_unknown_image_control(capsys):
+    assert eval_main(["eval", "--model", "x", "--tasks", "scene_qa", "--image-control", "noise"]) == 2
+    assert "--image-control" in capsys.readouterr().err

@@ -20,12 +20,17 @@ from omnimini.engine.sampling import SamplingParams
 from omnimini.engine.scheduler import Engine, EngineRequest
 from omnimini.model import OmniModel
 
+# Gemma 3's options: a sliding layer (own rope base) then a global one, embedding scale, query scale, sandwich
+# norms, GeGLU
+GEMMA_LIKE = dict(sliding_window=8, layer_types=["sliding", "full"], rope_theta=1e6, rope_local_theta=1e4,
+                  embed_scale=8.0, attn_scale=0.3, sandwich_norm=True, hidden_act="gelu_tanh")
 
-def tiny(vocab: int, qk_norm: str = "none", bias: bool = False, moe: bool = False) -> OmniModel:
+
+def tiny(vocab: int, qk_norm: str = "none", bias: bool = False, moe: bool = False, **options) -> OmniModel:
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=vocab, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                       intermediate_size=128, max_seq_len=256, qk_norm=qk_norm, attention_bias=bias,
-                      moe=MoEConfig(num_experts=4, top_k=2, expert_intermediate=32) if moe else None)
+                      moe=MoEConfig(num_experts=4, top_k=2, expert_intermediate=32) if moe else None, **options)
     m = OmniModel(cfg).eval()
     with torch.no_grad():
         for p in m.parameters():
@@ -65,6 +70,15 @@ def test_compiled_decode_equals_eager_float32(tok, qk_norm, bias, batches, monke
         for ref, got in eager_and_fast(model, B, prompt=9, steps=60):
             assert got.shape == ref.shape
             torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("B", [1, pytest.param(3, marks=pytest.mark.slow)])  # each batch size: a fresh compile
+def test_compiled_decode_with_gemma_options_equals_eager(tok, B, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(fast_decode, "KV_BUCKET", 32)
+    model = tiny(tok.vocab_size, "head", **GEMMA_LIKE)
+    assert supports(model) is None
+    for ref, got in eager_and_fast(model, B, prompt=9, steps=40):  # positions 9..48: past the window of 8
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
 
 def test_compiled_decode_runs_int8_weights(tok):  # noqa: F811

@@ -181,6 +181,17 @@ def test_image_input(client):
     assert r.usage.input_tokens >= plain.usage.input_tokens + 4  # 4 image tokens for the tiny vision encoder
 
 
+def test_cached_tokens_reported_for_a_shared_prefix(client):
+    long = "You are a weather assistant. " + " ".join(["the quick brown fox jumps over a lazy dog"] * 20)
+    first = client.responses.create(model="main", input="hello", instructions=long, max_output_tokens=1)
+    again = client.responses.create(model="main", input="world", instructions=long, max_output_tokens=1,
+                                    stream=True)
+    final = list(again)[-1].response
+    # the engine's prefix cache served the shared instructions (whole blocks only)
+    assert final.usage.input_tokens_details.cached_tokens >= 64
+    assert final.usage.input_tokens_details.cached_tokens < first.usage.input_tokens
+
+
 # ---- stored responses ---------------------------------------------------------------------------------------
 
 def test_retrieve_delete_and_input_items(client):

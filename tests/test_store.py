@@ -67,3 +67,59 @@ def test_serve_with_unusable_state_dir_is_one_line(tmp_path, capsys):
     assert main(["serve", "--state-dir", str(tmp_path / "file"), "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("omnimini: error: --state-dir: cannot open the state database") and "Traceback" not in err
+
+
+def _serve(model_dir, state_dir, port):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.Popen([sys.executable, "-m", "omnimini.cli", "serve", "--model", str(model_dir), "--port",
+                             str(port), "--state-dir", str(state_dir), "--quantize", "none", "--max-batch", "1",
+                             "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _wait_ready(proc, url):
+    import time
+
+    import httpx
+
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("server did not start")
+
+
+def test_two_server_processes_share_state_and_survive_a_kill(tiny_ckpt, tmp_path):
+    """A response made by one `omnimini serve` process is continued by another after the first is killed -9."""
+    import openai
+    from test_server import free_port
+
+    ports = free_port(), free_port()
+    procs = [_serve(tiny_ckpt / "model", tmp_path, p) for p in ports]
+    try:
+        urls = [f"http://127.0.0.1:{p}" for p in ports]
+        for proc, url in zip(procs, urls, strict=True):
+            _wait_ready(proc, url)
+        a, b = (openai.OpenAI(base_url=u + "/v1", api_key="x", max_retries=0, timeout=60) for u in urls)
+        first = a.responses.create(model="gpt-4o-mini", input="quick fox", max_output_tokens=3)
+        procs[0].kill()  # no shutdown, no flush: the commit alone must have made it durable
+        procs[0].wait(30)
+        second = b.responses.create(model="gpt-4o-mini", input="lazy dog", previous_response_id=first.id,
+                                    max_output_tokens=3)
+        assert b.responses.retrieve(first.id).output_text == first.output_text
+        items = b.responses.input_items.list(second.id, order="asc").data
+        assert [i.id for i in items][:2] == [*(i.id for i in b.responses.input_items.list(first.id).data),
+                                             first.output[0].id]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait(30)

@@ -130,7 +130,9 @@ def test_quantized_gguf_close_to_float(family):
     assert not torch.equal(got, want)
 
 
-def test_unsupported_architecture_lists_supported(tmp_path):
+def test_unsupported_architecture_lists_supported(tmp_path, capsys):
+    from omnimini.cli import main
+
     w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "mamba")
     w.add_block_count(1)
     w.write_header_to_file()
@@ -140,3 +142,39 @@ def test_unsupported_architecture_lists_supported(tmp_path):
     with pytest.raises(GGUFError, match=r"architecture 'mamba' \(supported: llama, qwen2, qwen3, qwen3moe, phi3, "
                                         r"gemma3\)"):
         load_gguf(tmp_path / "m.gguf", progress=False)
+    for argv in (["generate", "--model", str(tmp_path / "m.gguf"), "hi"],
+                 ["convert", str(tmp_path / "m.gguf"), str(tmp_path / "out")]):
+        assert main(argv) != 0
+        err = capsys.readouterr().err.strip().splitlines()[-1:]  # convert first says what it reads
+        assert err and "'mamba'" in err[0] and "supported: llama, qwen2" in err[0] and "Traceback" not in err[0]
+
+
+def test_raw_blocks_are_the_loaded_weights(family):
+    """The raw Q8_0 blocks handed to omnimini's kernels (block_tensors) hold the weights the model loaded: Q/K rows
+    un-permuted only for llama files, Phi-3's fused tensors left out (split at load, no one weight holds them)."""
+    from omnimini.weights.gguf_loader import block_tensors, open_gguf
+
+    name, ref, d, _ = family
+    path = write_gguf_from_hf(d / "blocks.gguf", ref, qtype=gguf.GGMLQuantizationType.Q8_0)
+    model, _ = load_gguf(path, progress=False)
+    raw = block_tensors(open_gguf(path), model.config, ("Q8_0",))
+    params = dict(model.named_parameters())
+    assert "blocks.0.attn.q_proj.weight" in raw or name == "phi3"
+    for key, (kind, blocks, _) in raw.items():
+        assert kind == "q8_0"
+        w = gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType.Q8_0)
+        torch.testing.assert_close(torch.from_numpy(w), params[key].detach(), atol=0, rtol=0)
+
+
+def test_converted_checkpoint_keeps_the_options(family, tmp_path):
+    """`omnimini convert file.gguf DIR`: the new config options and the tokenizer's BOS policy survive the round
+    trip through omnimini's own checkpoint format."""
+    from omnimini.weights.convert import convert, load_any
+
+    _, _, _, path = family
+    model, tok = load_gguf(path, progress=False)
+    again, tok2 = load_any(convert(path, tmp_path / "ck"))
+    assert again.config == model.config and tok2.add_bos_token == tok.add_bos_token
+    ids = torch.arange(3, 30)[None]
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)

@@ -78,7 +78,7 @@ def cmd_generate(args) -> int:
         pixels = torch.stack([to_pixels(load_image(p), v.image_size) for p in args.image])
         n_img = v.tokens_per_image
     if args.raw:
-        ids = tok.encode(args.prompt)
+        ids = tok.encode_prompt(args.prompt)
         if args.image:
             raise ValueError("--image needs chat mode (drop --raw)")
     else:

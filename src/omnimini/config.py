@@ -51,6 +51,11 @@ class VisionConfig:
     intermediate_size: int = 768
     pixel_shuffle: int = 2  # projector merges s*s neighbouring patches into one LM token
     max_grid: int = 32  # size of the learned row/column position tables
+    # Subtract each image's mean token (see VisionEncoder.project). Needed when the LM and the tower train from
+    # scratch together; a tower pre-trained on dense targets and read by a frozen LM (omnimini-vl) keeps it off,
+    # since whole-image facts (one red shape: every token "red") live in that mean.
+    center_tokens: bool = True
+    token_scale: float = 0.02  # initial RMS of image tokens: the LM's token-embedding scale
 
     @property
     def grid(self) -> int:

@@ -107,8 +107,10 @@ class Tokenizer:
         image_token: str | None = "<|image|>",
         image_start: str | None = "<|image_start|>",
         image_end: str | None = "<|image_end|>",
+        add_bos_token: bool = False,
     ):
         self.hf = hf
+        self.add_bos_token = add_bos_token  # raw prompts start with BOS (SentencePiece GGUFs); chat templates say
         if eos_tokens is None:
             eos_tokens = [t for t in DEFAULT_EOS_TOKENS if hf.token_to_id(t) is not None]
         self.eos_tokens = list(eos_tokens)
@@ -172,6 +174,15 @@ class Tokenizer:
             raise TokenizerError(f"encode expects a str, got {type(text).__name__}")
         tok = self.hf if allow_special else self._literal_tokenizer()
         return tok.encode(text, add_special_tokens=False).ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A raw (completion) prompt's ids: BOS first when the vocabulary asks for one (add_bos_token), as
+        transformers and llama.cpp do; encode() itself never adds it."""
+        ids = self.encode(text)
+        bos = self.bos_token_id
+        if self.add_bos_token and bos is not None and ids[:1] != [bos]:
+            ids = [bos] + ids
+        return ids
 
     def _literal_tokenizer(self) -> tokenizers.Tokenizer:
         if self._literal is None:
@@ -266,6 +277,7 @@ class Tokenizer:
             "add_bos_token": False,
             "added_tokens_decoder": added,
             "omnimini": {
+                "add_bos_token": self.add_bos_token,
                 "eos_tokens": self.eos_tokens,
                 "image_token": self.image_token,
                 "image_start": self.image_start,
@@ -291,7 +303,7 @@ class Tokenizer:
             return cls(hf, chat_template=config.get("chat_template"), eos_tokens=own.get("eos_tokens", []),
                        bos_token=_token_text(config.get("bos_token")), pad_token=_token_text(config.get("pad_token")),
                        image_token=own.get("image_token"), image_start=own.get("image_start"),
-                       image_end=own.get("image_end"))
+                       image_end=own.get("image_end"), add_bos_token=bool(own.get("add_bos_token", False)))
         return cls(hf, chat_template=_hf_chat_template(d, config), eos_tokens=_hf_eos_tokens(d, hf, config),
                    bos_token=_present(hf, _token_text(config.get("bos_token"))),
                    pad_token=_present(hf, _token_text(config.get("pad_token"))),

@@ -65,13 +65,6 @@ def supports(model) -> str | None:
         return "the compiled decode step targets CPU"
     if cfg.qk_norm not in (None, "none", "head", "full"):
         return f"qk_norm {cfg.qk_norm!r}"
-    # the Gemma-style options are not written into the compiled step (yet): such models decode eagerly
-    gemma_like = {"sliding_window": cfg.sliding_window is not None, "sandwich_norm": cfg.sandwich_norm,
-                  "embed_scale": cfg.embed_scale != 1.0, "attn_scale": cfg.attn_scale is not None,
-                  f"hidden_act {cfg.hidden_act}": cfg.hidden_act != "silu"}
-    unsupported = [name for name, on in gemma_like.items() if on]
-    if unsupported:
-        return f"the compiled step does not implement {', '.join(unsupported)}"
     return None
 
 
@@ -91,7 +84,7 @@ def _mlp(mlp, x: torch.Tensor) -> torch.Tensor:
         g, u = gu[:, : mlp.inter], gu[:, mlp.inter:]
     else:
         g, u = _linear(mlp.gate_proj, x), _linear(mlp.up_proj, x)
-    return _linear(mlp.down_proj, F.silu(g) * u)
+    return _linear(mlp.down_proj, mlp.act(g) * u)  # silu (SwiGLU) or gelu_tanh (Gemma's GeGLU)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -116,29 +109,43 @@ def _attention(attn, x, cos, sin, mask, kc, vc, slots, positions, kv_len: int):
     vc[slots, :, positions] = v[:, :, 0]
     keys, vals = kc[slots, :, :kv_len], vc[slots, :, :kv_len]
     if B > 1:
-        out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, enable_gqa=h != kvh)
+        out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, enable_gqa=h != kvh, scale=attn.scale)
     else:
         # one query: written as reductions Inductor fuses with the cache reads (SDPA would first copy the keys
         # and values out of the cache, and its kernel's set-up costs more than this arithmetic); slower at B > 1
         qg = q.view(B, kvh, h // kvh, 1, d)
-        scores = ((qg * keys[:, :, None]).sum(-1) * d ** -0.5).masked_fill(~mask, float("-inf"))  # [B, kvh, g, T]
+        scale = d ** -0.5 if attn.scale is None else attn.scale
+        scores = ((qg * keys[:, :, None]).sum(-1) * scale).masked_fill(~mask, float("-inf"))  # [B, kvh, g, T]
         out = (scores.softmax(-1)[..., None] * vals[:, :, None]).sum(-2)  # [B, kvh, g, d]
     return _linear(attn.o_proj, out.reshape(B, h * d))
 
 
 def decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                 ks: list[torch.Tensor], vs: list[torch.Tensor], kv_len: int,
-                cos_table: torch.Tensor, sin_table: torch.Tensor) -> torch.Tensor:
+                cos_table: torch.Tensor, sin_table: torch.Tensor, local_cos_table: torch.Tensor,
+                local_sin_table: torch.Tensor) -> torch.Tensor:
     """tokens/positions/slots [B] -> logits [B, V]; writes each layer's new key/value into ks/vs (in place).
-    cos_table/sin_table [max_len, D]: the rotary angles of every cache position (see FastDecoder)."""
+    cos_table/sin_table [max_len, D]: the rotary angles of every cache position (see FastDecoder); local_*: those
+    of sliding-window layers with their own rope base (Gemma 3; otherwise the same tensors)."""
+    cfg = model.config
     x = model.embed(tokens)
+    if cfg.embed_scale != 1.0:
+        x = x * cfg.embed_scale
     # looked up, not computed: Inductor inlines a computed cos/sin into every layer's kernel (and every head),
     # and the trigonometry then cost more than the rest of the pointwise work together
     cos, sin = cos_table[positions][:, None, None], sin_table[positions][:, None, None]  # [B, 1, 1, D]
-    mask = (torch.arange(kv_len, device=tokens.device)[None, :] <= positions[:, None])[:, None, None]
+    lcos, lsin = local_cos_table[positions][:, None, None], local_sin_table[positions][:, None, None]
+    keys = torch.arange(kv_len, device=tokens.device)[None, :]
+    mask = (keys <= positions[:, None])[:, None, None]
+    window_mask = mask
+    if cfg.sliding_window is not None:  # sliding layers also hide keys `window` or more positions back
+        window_mask = mask & (keys > positions[:, None] - cfg.sliding_window)[:, None, None]
     for i, blk in enumerate(model.blocks):
-        x = x + _attention(blk.attn, blk.input_norm(x), cos, sin, mask, ks[i], vs[i], slots, positions, kv_len)
-        x = x + _mlp(blk.mlp, blk.post_norm(x))
+        c, s, m = (lcos, lsin, window_mask) if blk.sliding else (cos, sin, mask)
+        a = _attention(blk.attn, blk.input_norm(x), c, s, m, ks[i], vs[i], slots, positions, kv_len)
+        x = x + (a if blk.attn_out_norm is None else blk.attn_out_norm(a))
+        y = _mlp(blk.mlp, blk.post_norm(x))
+        x = x + (y if blk.mlp_out_norm is None else blk.mlp_out_norm(y))
     h = model.norm(x)
     return F.linear(h, model.embed.weight) if model.lm_head is None else _linear(model.lm_head, h)
 
@@ -156,7 +163,11 @@ class FastDecoder:
         self.model, self.cache = model, cache
         with torch.no_grad():  # the eager model's own rotary, so the angles match it bit for bit
             cos, sin = model.rotary(torch.arange(cache.max_len)[None])
-        self.cos, self.sin = cos[0, 0].contiguous(), sin[0, 0].contiguous()
+            self.cos, self.sin = cos[0, 0].contiguous(), sin[0, 0].contiguous()
+            self.local_cos, self.local_sin = self.cos, self.sin
+            if model.rotary_local is not None:
+                cos, sin = model.rotary_local(torch.arange(cache.max_len)[None])
+                self.local_cos, self.local_sin = cos[0, 0].contiguous(), sin[0, 0].contiguous()
         # Dynamo guards on the model object: every decoder (one per served model, or per test) adds two graphs
         # (batch 1 and batch > 1) to the one cache that decode_step's code object has
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -173,7 +184,7 @@ class FastDecoder:
         """tokens/positions/slots [B] -> logits [B, V] (float32); the new keys/values land in the cache."""
         tokens, positions, slots = tokens.contiguous(), positions.contiguous(), slots.contiguous()
         return self._fn(self.model, tokens, positions, slots, self.cache.k, self.cache.v, self.kv_len(positions),
-                        self.cos, self.sin)
+                        self.cos, self.sin, self.local_cos, self.local_sin)
 
     def warm_up(self, max_batch: int) -> None:
         """Compile both graphs (batch 1 and batch > 1) now. Writes only cache position 0 of the slots it uses,

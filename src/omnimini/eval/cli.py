@@ -38,6 +38,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     p.add_argument("--max-retries", type=int, default=4)
     p.add_argument("--seed", type=int, default=1234, help="GPQA option shuffling seed")
+    p.add_argument("--image-control", default=None, metavar="blank,mismatched",
+                   help="also score every image task with a blank image and/or another item's image (comma list); "
+                        "the report puts them next to the real score")
     p.add_argument("--params", default=None, help="card: JSON file or inline JSON with total_params, ...")
     p.add_argument("--name", default=None, help="card: model name")
 
@@ -76,11 +79,12 @@ def _run(args) -> int:
     if not args.tasks:
         raise EvalError("--tasks is required, e.g. --tasks mmlu,gpqa_diamond,scene_qa")
     tasks = get_tasks(args.tasks)  # validate names before starting a model
+    controls = _image_controls(args.image_control)
     client = make_client(args)
     out = Path(args.out or Path("eval-results") / _slug(args.endpoint_model or args.model or "endpoint"))
     cfg = RunConfig(tasks=[t.name for t in tasks], out_dir=out, data_dir=args.data, limit=args.limit,
                     shots=args.shots, mode=args.mode, max_tokens=args.max_tokens, temperature=args.temperature,
-                    concurrency=args.concurrency, seed=args.seed,
+                    concurrency=args.concurrency, seed=args.seed, image_controls=controls,
                     extra={"endpoint": args.endpoint, "model_arg": args.model})
     try:
         results = run(client, cfg, tasks)
@@ -91,6 +95,17 @@ def _run(args) -> int:
     print(format_summary(results))
     print(f"results: {out / 'results.json'}")
     return 0
+
+
+def _image_controls(value: str | None) -> list[str]:
+    from omnimini.eval.tasks.embodied import IMAGE_CONTROLS
+
+    names = [v.strip() for v in (value or "").split(",") if v.strip()]
+    bad = [n for n in names if n not in IMAGE_CONTROLS]
+    if bad or (value is not None and not names):
+        raise EvalError(f"--image-control: unknown control {bad[0] if bad else value!r}; "
+                        f"expected a comma list of {', '.join(IMAGE_CONTROLS)}")
+    return list(dict.fromkeys(names))
 
 
 def _card(args, paths: list[str]) -> int:

@@ -33,6 +33,7 @@ class RunConfig:
     temperature: float = 0.0
     concurrency: int = 8
     seed: int = 1234
+    image_controls: list[str] = field(default_factory=list)  # "blank" / "mismatched": image tasks scored again
     extra: dict = field(default_factory=dict)  # anything the CLI wants recorded (endpoint URL...)
 
     def task_options(self) -> TaskOptions:
@@ -101,6 +102,17 @@ async def _run_item(task: Task, item: EvalItem, ctx: RunContext, sem: asyncio.Se
 
 async def run_task(client: Client, task: Task, cfg: RunConfig, cache: ResponseCache) -> dict:
     items = task.load(cfg.task_options())
+    result = await _score_items(client, task, cfg, cache, items, task.name)
+    for control in cfg.image_controls:
+        other = task.with_image_control(items, control)
+        if other is not None:  # text tasks have no images to replace
+            ctl = await _score_items(client, task, cfg, cache, other, f"{task.name} [{control} image]")
+            result.setdefault("controls", {})[control] = ctl
+    return result
+
+
+async def _score_items(client: Client, task: Task, cfg: RunConfig, cache: ResponseCache, items: list[EvalItem],
+                       label: str) -> dict:
     ctx = RunContext(client, cache, task, cfg)
     if cfg.mode == "loglik" and not ctx.client_supports_loglik:
         raise EvalError(f"--mode loglik needs a client with log-likelihoods; {client.model_id} has none "
@@ -108,7 +120,7 @@ async def run_task(client: Client, task: Task, cfg: RunConfig, cache: ResponseCa
     sem = asyncio.Semaphore(cfg.concurrency)
     start = time.perf_counter()
     records: list[dict] = []
-    bar = tqdm(total=len(items), desc=task.name, unit="item", dynamic_ncols=True)
+    bar = tqdm(total=len(items), desc=label, unit="item", dynamic_ncols=True)
     try:
         for fut in asyncio.as_completed([_run_item(task, it, ctx, sem) for it in items]):
             records.append(await fut)
@@ -185,6 +197,11 @@ def format_summary(results: dict) -> str:
         mean, (lo, hi), n = headline(tr)
         rows.append((name, f"{100 * mean:.1f}", f"[{100 * lo:.1f}, {100 * hi:.1f}]", str(n),
                      str(tr["n_failed"]), str(tr["timing"]["items_per_s"])))
+        for control, ctl in tr.get("controls", {}).items():  # next to the real score, with the gap to it
+            c_mean, (c_lo, c_hi), c_n = headline(ctl)
+            rows.append((f"  {control} image (gap {100 * (mean - c_mean):+.1f})", f"{100 * c_mean:.1f}",
+                         f"[{100 * c_lo:.1f}, {100 * c_hi:.1f}]", str(c_n), str(ctl["n_failed"]),
+                         str(ctl["timing"]["items_per_s"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

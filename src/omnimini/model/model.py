@@ -107,11 +107,13 @@ class OmniModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, labels=None, positions=None, attention_mask=None,
                 cache: KVCache | None = None, slots=None, pixels=None, image_embeds=None,
-                logits_for: str = "all") -> ModelOutput:
+                logits_for: str | torch.Tensor = "all") -> ModelOutput:
         """input_ids [B, T]. Without a cache: causal attention (plus key padding from attention_mask [B, T]).
         With a cache: tokens are written at `positions` [B, T] (rows `slots` of the cache) and attend to every
         cached key at a position <= their own. logits_for="last" computes logits only for the last position;
-        "none" skips the LM head (embeddings read `hidden`, the final normed hidden states).
+        "none" skips the LM head (embeddings read `hidden`, the final normed hidden states); a [B, T] bool mask
+        computes them only where it is set ([N, vocab], labels taken at the same places): the vocabulary
+        projection is a quarter of a small model's compute, wasted where no loss or score is read.
         """
         B, T = input_ids.shape
         if positions is None:
@@ -135,9 +137,15 @@ class OmniModel(nn.Module):
             if s is not None:
                 stats.append(s)
         h = self.norm(x)
-        if logits_for == "none" and labels is not None:
-            raise ValueError('logits_for="none" cannot compute a loss')
-        logits = None if logits_for == "none" else self.output_head(h[:, -1:] if logits_for == "last" else h)
+        if isinstance(logits_for, torch.Tensor):  # a [B, T] bool mask: logits [N, vocab] at those positions only
+            logits = self.output_head(h[logits_for])
+            labels = labels[logits_for] if labels is not None else None
+        elif logits_for == "none":
+            if labels is not None:
+                raise ValueError('logits_for="none" cannot compute a loss')
+            logits = None
+        else:
+            logits = self.output_head(h[:, -1:] if logits_for == "last" else h)
         out = ModelOutput(logits=logits, hidden=h)
         if stats:
             out.expert_load = torch.stack([s["load"] for s in stats])
@@ -145,7 +153,8 @@ class OmniModel(nn.Module):
                 out.aux_loss = torch.stack([s["aux_loss"] for s in stats]).mean()
                 out.z_loss = torch.stack([s["z_loss"] for s in stats]).mean()
         if labels is not None:
-            out.lm_loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+            out.lm_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.flatten(),
+                                          ignore_index=-100)
             out.loss = out.lm_loss
             if out.aux_loss is not None:
                 m = self.config.moe

@@ -49,7 +49,7 @@ class VisionEncoder(nn.Module):
         # image tokens start at the scale of text embeddings (std 0.02): unnormalised they grow ~100x larger,
         # become an attention sink, and the encoder stops receiving gradient
         self.proj_norm = RMSNorm(lm_hidden)
-        nn.init.constant_(self.proj_norm.weight, 0.02)
+        nn.init.constant_(self.proj_norm.weight, cfg.token_scale)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels [N, 3, H, W] normalised -> image tokens [N, (H/p/s)*(W/p/s), lm_hidden]."""
@@ -80,4 +80,4 @@ class VisionEncoder(nn.Module):
         # until, after the norm, every image looks the same (measured: the nano model's image tokens varied
         # 1e-4 of their size across images after 120 steps, and answers were identical with a blank image).
         # Centred tokens cannot collapse that way; what is left is what differs between places in the image.
-        return self.proj_norm(y - y.mean(dim=1, keepdim=True))
+        return self.proj_norm(y - y.mean(dim=1, keepdim=True) if self.cfg.center_tokens else y)

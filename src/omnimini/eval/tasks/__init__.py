@@ -13,7 +13,8 @@ from omnimini.eval.tasks.mmlu_pro import MMLUPro
 ALIASES = {
     "gpqa": ["gpqa_diamond"],  # the split behind GPT-4o mini's published 40.2
     "text": ["mmlu", "mmlu_pro", "gpqa_diamond", "hle"],
-    "embodied": list(SCENE_TASKS),
+    "embodied": ["scene_qa", "pointing", "planning", "navigation"],
+    "vision": list(SCENE_TASKS),  # the embodied tasks + plain-background shapes
 }
 
 

@@ -106,3 +106,8 @@ class Task:
 
     def aggregate(self, outcomes: list[dict]) -> dict:
         return aggregate(outcomes)
+
+    def with_image_control(self, items: list[EvalItem], control: str) -> list[EvalItem] | None:
+        """The same items with each image replaced (`blank`, or `mismatched`: another item's image), to tell a
+        model that reads its images from one that scores by answer priors; None for tasks without images."""
+        return None

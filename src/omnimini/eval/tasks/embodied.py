@@ -29,8 +29,21 @@ def _scenes():
     return scene_tasks
 
 
-def user_message(ep) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image", "image": ep.image}, {"type": "text", "text": ep.prompt}]}]
+IMAGE_CONTROLS = ("blank", "mismatched")
+
+
+def user_message(ep, image=None) -> list[dict]:
+    image = ep.image if image is None else image
+    return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": ep.prompt}]}]
+
+
+def blank_like(image):
+    """A featureless image of the same size, in the scenes' table colour (what an empty table looks like)."""
+    from PIL import Image
+
+    from omnimini.data.scenes.world import BACKGROUND
+
+    return Image.new("RGB", image.size, BACKGROUND)
 
 
 class SceneTask(Task):
@@ -56,6 +69,21 @@ class SceneTask(Task):
                 meta[k] = ep.meta[k]
         return EvalItem(id=f"{self.family}/{ep.seed}", group=ep.subset, messages=user_message(ep),
                         target=ep.answer, choices=ep.choices, meta=meta, payload=(fam, ep))
+
+    def with_image_control(self, items: list[EvalItem], control: str) -> list[EvalItem]:
+        if control not in IMAGE_CONTROLS:
+            raise EvalError(f"unknown image control {control!r}; expected one of {', '.join(IMAGE_CONTROLS)}")
+        out = []
+        for i, it in enumerate(items):
+            fam, ep = it.payload
+            # mismatched: the next item's image, so the answer priors (question text) are the same as the real
+            # run's and only the image's content differs; a lone item has no other image and gets a blank one
+            other = items[(i + 1) % len(items)].payload[1].image if len(items) > 1 else None
+            image = blank_like(ep.image) if control == "blank" or other is None else other
+            out.append(EvalItem(id=it.id, group=it.group, messages=user_message(ep, image), target=it.target,
+                                choices=it.choices, meta={**it.meta, "image_control": control},
+                                payload=(fam, ep)))
+        return out
 
     def score_text(self, item: EvalItem, text: str) -> dict:
         fam, ep = item.payload
@@ -83,7 +111,8 @@ class SceneTask(Task):
             obs = env.step(result.text)
             if getattr(env, "done", False):
                 break
-            messages.append(_observation_message(obs))
+            messages.append(_observation_message(obs, item.meta.get("image_control"),
+                                                 item.messages[0]["content"][0].get("image")))
         s = dict(env.result())
         s["score"] = float(s.get("score", s.get("success", 0.0)))
         s.setdefault("correct", bool(s.get("success", False)))
@@ -102,11 +131,13 @@ class SceneTask(Task):
         return agg
 
 
-def _observation_message(obs) -> dict:
+def _observation_message(obs, control: str | None = None, control_image=None) -> dict:
     if isinstance(obs, str):
         return {"role": "user", "content": obs}
     text, image = (obs.get("text", ""), obs.get("image")) if isinstance(obs, dict) else (str(obs), None)
     content: list[dict] = [{"type": "text", "text": text}]
+    if image is not None and control is not None:  # controls replace every observation, not just the first
+        image = blank_like(image) if control == "blank" else control_image
     if image is not None:
         content.insert(0, {"type": "image", "image": image})
     return {"role": "user", "content": content}
@@ -116,4 +147,5 @@ def _jsonable(v) -> bool:
     return v is None or isinstance(v, str | int | float | bool | list | dict)
 
 
-SCENE_TASKS = {"scene_qa": "qa", "pointing": "pointing", "planning": "planning", "navigation": "navigation"}
+SCENE_TASKS = {"scene_qa": "qa", "pointing": "pointing", "planning": "planning", "navigation": "navigation",
+               "shapes": "shapes"}

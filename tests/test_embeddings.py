@@ -44,13 +44,13 @@ def test_batch_matches_reference_in_order(client, stack):
     _, tok, model = stack
     r = client.embeddings.create(model="text-embedding-3-small", input=TEXTS, encoding_format="float")
     assert r.object == "list" and [d.index for d in r.data] == list(range(len(TEXTS)))
-    assert r.usage.prompt_tokens == r.usage.total_tokens == sum(len(tok.encode(t)) for t in TEXTS)
+    assert r.usage.prompt_tokens == r.usage.total_tokens == sum(len(tok.encode_prompt(t)) for t in TEXTS)
     for text, d in zip(TEXTS, r.data, strict=True):
         v = torch.tensor(d.embedding)
         assert v.shape == (model.config.hidden_size,)
         assert v.norm().item() == pytest.approx(1.0, abs=1e-5)
         # padded batching (inputs of different lengths) gives each input what it gives alone
-        torch.testing.assert_close(v, reference(model, tok.encode(text)), atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(v, reference(model, tok.encode_prompt(text)), atol=2e-5, rtol=1e-4)
     assert not torch.allclose(torch.tensor(r.data[0].embedding), torch.tensor(r.data[1].embedding))
 
 
@@ -62,7 +62,7 @@ def test_base64_tokens_and_dimensions(client, stack):
     raw = httpx.post(stack[0].url + "/v1/embeddings", headers={"Authorization": f"Bearer {KEY}"},
                      json={"model": "main", "input": "hello", "encoding_format": "base64"}).json()
     assert isinstance(raw["data"][0]["embedding"], str)
-    ids = tok.encode("the quick brown fox")
+    ids = tok.encode_prompt("the quick brown fox")
     by_ids = client.embeddings.create(model="main", input=[ids, ids[:2]], encoding_format="float")
     torch.testing.assert_close(torch.tensor(by_ids.data[0].embedding), torch.tensor(floats.data[0].embedding))
     assert by_ids.usage.prompt_tokens == len(ids) + 2
@@ -88,3 +88,25 @@ def test_bad_input(stack, body, param):
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
     assert httpx.get(srv.url + "/health").status_code == 200
+
+
+def test_embedder_matches_transformers_mean_pooling(tmp_path):
+    """Against transformers: a Llama's padded batch, last_hidden_state mean-pooled over the attention mask."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("transformers")
+    from test_weights_gguf import tiny_llama, write_gguf
+
+    from omnimini.serve.embeddings import Embedder
+    from omnimini.weights.gguf_loader import load_gguf
+
+    ref = tiny_llama()
+    model, _ = load_gguf(write_gguf(tmp_path / "m.gguf", ref), progress=False)
+    seqs = [[5, 9, 40, 77, 100, 3, 250], [12, 13], [200, 201, 202, 203]]
+    ours = Embedder(model.eval(), pad_id=0)(seqs)
+    T = max(map(len, seqs))
+    ids = torch.tensor([s + [0] * (T - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in seqs])
+    with torch.no_grad():
+        h = ref.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    want = F.normalize((h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True), dim=-1)
+    torch.testing.assert_close(ours, want, atol=1e-5, rtol=1e-4)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -118,6 +119,16 @@ def template_supports_images(source: str) -> bool:
     return "image" in source
 
 
+# `for part in message['content']` or `message['content'] | selectattr(...)` (not a `| trim` of a string)
+_ITERATES_CONTENT = re.compile(r"""in\s+message\[['"]content['"]\]|message\[['"]content['"]\]\s*\|\s*selectattr""")
+
+
+def template_reads_parts(source: str) -> bool:
+    """Whether a template walks message['content'] as a list of parts (LLaVA's processor templates): it then
+    gets string content as one text part, as vLLM's content-format detection does."""
+    return bool(_ITERATES_CONTENT.search(source))
+
+
 def _check_part(part: Any, index: int) -> None:
     if not isinstance(part, dict) or "type" not in part:
         raise ChatTemplateError(f"message {index}: content parts must be objects with a 'type'")
@@ -152,11 +163,12 @@ def _normalize_tool_calls(calls: Any, index: int) -> list[dict]:
     return out
 
 
-def normalize_messages(messages: list[dict], foreign: bool, images_ok: bool) -> list[dict]:
+def normalize_messages(messages: list[dict], foreign: bool, images_ok: bool, parts: bool = False) -> list[dict]:
     """Validate OpenAI-shaped messages and adapt them to the template that will render them.
 
     Foreign templates mostly understand only string content, so text parts are flattened; they also rarely
-    know the `developer` role, which we map to `system`."""
+    know the `developer` role, which we map to `system`. parts=True (a foreign template that walks content
+    parts): string content becomes one text part, and image_url parts become transformers' {"type": "image"}."""
     if not isinstance(messages, list):
         raise ChatTemplateError("messages must be a list of message objects")
     out = []
@@ -174,11 +186,15 @@ def normalize_messages(messages: list[dict], foreign: bool, images_ok: bool) -> 
                 raise ChatTemplateError(
                     f"message {i} has an image part but this model's chat template has no image support"
                 )
-            if foreign and not has_image:
+            if foreign and parts:
+                msg["content"] = [{"type": "image"} if p["type"] in IMAGE_PART_TYPES else p for p in content]
+            elif foreign and not has_image:
                 msg["content"] = "".join(p["text"] for p in content)
         elif content is None:
             if foreign:
-                msg["content"] = ""
+                msg["content"] = [] if parts else ""
+        elif foreign and parts and isinstance(content, str):
+            msg["content"] = [{"type": "text", "text": content}]
         elif not isinstance(content, str):
             raise ChatTemplateError(f"message {i}: content must be a string, null or a list of parts")
         if msg.get("tool_calls"):
@@ -192,7 +208,7 @@ def normalize_messages(messages: list[dict], foreign: bool, images_ok: bool) -> 
 def render(source: str, messages: list[dict], *, tools: list[dict] | None, add_generation_prompt: bool,
            bos_token: str, eos_token: str, extra: dict[str, Any], foreign: bool) -> str:
     images_ok = template_supports_images(source)
-    msgs = normalize_messages(messages, foreign=foreign, images_ok=images_ok)
+    msgs = normalize_messages(messages, foreign=foreign, images_ok=images_ok, parts=template_reads_parts(source))
     template = compile_template(source)
     try:
         return template.render(

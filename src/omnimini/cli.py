@@ -65,7 +65,7 @@ def cmd_generate(args) -> int:
 
     from omnimini.engine.generate import GenRequest, generate_stream
     from omnimini.engine.sampling import SamplingParams
-    from omnimini.images import load_image, to_pixels
+    from omnimini.images import load_image, vision_pixels
     from omnimini.tokenizer import IncrementalDecoder
 
     model, tok = _load(args)
@@ -75,7 +75,7 @@ def cmd_generate(args) -> int:
         if model.config.vision is None:
             raise ValueError(f"--image: model {args.model or 'default'} has no vision encoder")
         v = model.config.vision
-        pixels = torch.stack([to_pixels(load_image(p), v.image_size) for p in args.image])
+        pixels = torch.stack([vision_pixels(load_image(p), v) for p in args.image])
         n_img = v.tokens_per_image
     if args.raw:
         ids = tok.encode_prompt(args.prompt)

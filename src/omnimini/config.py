@@ -56,6 +56,20 @@ class VisionConfig:
     # since whole-image facts (one red shape: every token "red") live in that mean.
     center_tokens: bool = True
     token_scale: float = 0.02  # initial RMS of image tokens: the LM's token-embedding scale
+    # CLIP-style towers (LLaVA), all off by default:
+    class_token: bool = False  # a learned token before the patches (dropped from the output, LLaVA's "default")
+    positions: str = "2d"  # "2d": row + column tables; "1d": one learned position per patch (+ class token)
+    pre_norm: bool = False  # LayerNorm on the embeddings before the blocks (CLIP's pre_layrnorm)
+    final_norm: bool = True  # LayerNorm after the blocks (off: LLaVA reads a hidden layer before it)
+    act: str = "gelu"  # the blocks' MLP activation: "gelu" | "quick_gelu" (CLIP)
+    norm_eps: float = 1e-5
+    projector: str = "omnimini"  # "omnimini": pixel shuffle, MLP, centring + RMSNorm; "mlp": Linear-GELU-Linear
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    resize: str = "square"  # "square": stretch to image_size; "crop": shortest side to image_size, centre crop
+
+    def __post_init__(self):  # JSON gives lists back
+        self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
 
     @property
     def grid(self) -> int:
@@ -145,6 +159,15 @@ class ModelConfig:
                 raise ConfigError(f"vision grid {v.grid} not divisible by pixel_shuffle {v.pixel_shuffle}")
             if v.hidden_size % v.num_heads:
                 raise ConfigError(f"vision.hidden_size {v.hidden_size} not divisible by heads {v.num_heads}")
+            choices = {"positions": ("2d", "1d"), "act": ("gelu", "quick_gelu"), "projector": ("omnimini", "mlp"),
+                       "resize": ("square", "crop")}
+            for key, allowed in choices.items():
+                if getattr(v, key) not in allowed:
+                    raise ConfigError(f"vision.{key} must be one of {', '.join(allowed)}, got {getattr(v, key)!r}")
+            if v.class_token and v.positions != "1d":
+                raise ConfigError("vision.class_token needs positions='1d'")
+            if v.projector == "mlp" and v.pixel_shuffle != 1:
+                raise ConfigError("vision.projector 'mlp' takes one token per patch (pixel_shuffle 1)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

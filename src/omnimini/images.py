@@ -76,10 +76,25 @@ def load_image(path: str | Path, limits: ImageLimits = DEFAULT_LIMITS) -> Image.
         raise ImageError(f"{p}: {e}") from None
 
 
-def to_pixels(img: Image.Image, size: int) -> torch.Tensor:
-    """Resize to size x size (bicubic) and normalise -> float32 [3, size, size]."""
-    img = img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+def to_pixels(img: Image.Image, size: int, mean=MEAN, std=STD, resize: str = "square") -> torch.Tensor:
+    """Resize to size x size (bicubic) and normalise -> float32 [3, size, size]. resize="crop": the shortest side
+    to `size` (the other in proportion, truncated) and a centred size x size crop, as CLIP's processor does."""
+    img = img.convert("RGB")
+    if resize == "crop":
+        w, h = img.size
+        short, long = min(w, h), max(w, h)
+        new_long = int(size * long / short)
+        img = img.resize((size, new_long) if w <= h else (new_long, size), Image.Resampling.BICUBIC)
+        left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    else:
+        img = img.resize((size, size), Image.Resampling.BICUBIC)
     t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3)
     t = t.permute(2, 0, 1).float() / 255.0
-    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+    mean, std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
     return (t - mean) / std
+
+
+def vision_pixels(img: Image.Image, vision) -> torch.Tensor:
+    """An image as the model's vision tower takes it (its VisionConfig's size, resizing and normalisation)."""
+    return to_pixels(img, vision.image_size, vision.image_mean, vision.image_std, vision.resize)

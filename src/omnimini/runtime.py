@@ -49,7 +49,7 @@ def local_stream_fn(model, tok, temperature: float = 0.7, max_tokens: int = 512,
 
 def encode_messages(model, tok, messages: list[dict]) -> tuple[list[int], torch.Tensor | None]:
     """Chat messages (images as PIL `image` parts or data: URL `image_url` parts) -> prompt ids and pixels."""
-    from omnimini.images import decode_data_url, to_pixels
+    from omnimini.images import decode_data_url, vision_pixels
 
     pixels, msgs = [], []
     for m in messages:
@@ -63,7 +63,7 @@ def encode_messages(model, tok, messages: list[dict]) -> tuple[list[int], torch.
                 if model.config.vision is None:
                     raise ValueError("this model has no vision encoder; it cannot take images")
                 img = p.get("image") or decode_data_url(p["image_url"]["url"])
-                pixels.append(to_pixels(img, model.config.vision.image_size))
+                pixels.append(vision_pixels(img, model.config.vision))
                 parts.append({"type": "image"})
             else:
                 parts.append(p)

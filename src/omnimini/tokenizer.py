@@ -108,8 +108,11 @@ class Tokenizer:
         image_start: str | None = "<|image_start|>",
         image_end: str | None = "<|image_end|>",
         add_bos_token: bool = False,
+        expand_image_token: bool = False,
     ):
         self.hf = hf
+        # the template writes one image placeholder per image (LLaVA): encode_chat repeats it per image token
+        self.expand_image_token = expand_image_token
         self.add_bos_token = add_bos_token  # raw prompts start with BOS (SentencePiece GGUFs); chat templates say
         if eos_tokens is None:
             eos_tokens = [t for t in DEFAULT_EOS_TOKENS if hf.token_to_id(t) is not None]
@@ -175,10 +178,10 @@ class Tokenizer:
         tok = self.hf if allow_special else self._literal_tokenizer()
         return tok.encode(text, add_special_tokens=False).ids
 
-    def encode_prompt(self, text: str) -> list[int]:
-        """A raw (completion) prompt's ids: BOS first when the vocabulary asks for one (add_bos_token), as
-        transformers and llama.cpp do; encode() itself never adds it."""
-        ids = self.encode(text)
+    def encode_prompt(self, text: str, allow_special: bool = True) -> list[int]:
+        """A raw (completion, embedding) prompt's ids: BOS first when the vocabulary asks for one (add_bos_token),
+        as transformers and llama.cpp do; encode() itself never adds it."""
+        ids = self.encode(text, allow_special)
         bos = self.bos_token_id
         if self.add_bos_token and bos is not None and ids[:1] != [bos]:
             ids = [bos] + ids
@@ -256,6 +259,8 @@ class Tokenizer:
         # Special-token text inside message content is encoded as special tokens too, as transformers and
         # vLLM do; callers that need stricter isolation must filter content first.
         text = self.render_chat(messages, tools, add_generation_prompt, image_tokens, **template_kwargs)
+        if self.expand_image_token and self.image_token and image_tokens > 1:
+            text = text.replace(self.image_token, self.image_token * image_tokens)
         return self.encode(text, allow_special=True)
 
     # ----------------------------------------------------------------- persistence
@@ -278,6 +283,7 @@ class Tokenizer:
             "added_tokens_decoder": added,
             "omnimini": {
                 "add_bos_token": self.add_bos_token,
+                "expand_image_token": self.expand_image_token,
                 "eos_tokens": self.eos_tokens,
                 "image_token": self.image_token,
                 "image_start": self.image_start,
@@ -303,7 +309,8 @@ class Tokenizer:
             return cls(hf, chat_template=config.get("chat_template"), eos_tokens=own.get("eos_tokens", []),
                        bos_token=_token_text(config.get("bos_token")), pad_token=_token_text(config.get("pad_token")),
                        image_token=own.get("image_token"), image_start=own.get("image_start"),
-                       image_end=own.get("image_end"), add_bos_token=bool(own.get("add_bos_token", False)))
+                       image_end=own.get("image_end"), add_bos_token=bool(own.get("add_bos_token", False)),
+                       expand_image_token=bool(own.get("expand_image_token", False)))
         return cls(hf, chat_template=_hf_chat_template(d, config), eos_tokens=_hf_eos_tokens(d, hf, config),
                    bos_token=_present(hf, _token_text(config.get("bos_token"))),
                    pad_token=_present(hf, _token_text(config.get("pad_token"))),

@@ -14,22 +14,30 @@ MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
 
 
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)  # CLIP's approximation
+
+
+ACTS = {"gelu": F.gelu, "quick_gelu": quick_gelu}
+
+
 class ViTBlock(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         d = cfg.hidden_size
         self.heads = cfg.num_heads
-        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.norm1, self.norm2 = nn.LayerNorm(d, eps=cfg.norm_eps), nn.LayerNorm(d, eps=cfg.norm_eps)
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
         self.fc1, self.fc2 = nn.Linear(d, cfg.intermediate_size), nn.Linear(cfg.intermediate_size, d)
+        self.act = ACTS[cfg.act]
 
     def forward(self, x):
         B, N, D = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(q, k, v)  # bidirectional: every patch sees every patch
         x = x + self.proj(a.transpose(1, 2).reshape(B, N, D))
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        return x + self.fc2(self.act(self.fc1(self.norm2(x))))
 
 
 class VisionEncoder(nn.Module):
@@ -38,18 +46,25 @@ class VisionEncoder(nn.Module):
         self.cfg = cfg
         d, p = cfg.hidden_size, cfg.patch_size
         self.patch_embed = nn.Linear(3 * p * p, d)
-        # factorised learned positions: row + column tables, so grids up to max_grid work
-        self.pos_row = nn.Parameter(torch.randn(cfg.max_grid, d) * 0.02)
-        self.pos_col = nn.Parameter(torch.randn(cfg.max_grid, d) * 0.02)
+        if cfg.positions == "2d":
+            # factorised learned positions: row + column tables, so grids up to max_grid work
+            self.pos_row = nn.Parameter(torch.randn(cfg.max_grid, d) * 0.02)
+            self.pos_col = nn.Parameter(torch.randn(cfg.max_grid, d) * 0.02)
+        else:  # CLIP: one learned position per patch of the fixed grid, the class token's first
+            self.pos = nn.Parameter(torch.randn(cfg.grid ** 2 + cfg.class_token, d) * 0.02)
+        self.class_token = nn.Parameter(torch.zeros(d)) if cfg.class_token else None
+        self.pre_norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.pre_norm else None
         self.blocks = nn.ModuleList(ViTBlock(cfg) for _ in range(cfg.num_layers))
-        self.norm = nn.LayerNorm(d)
+        self.norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.final_norm else None
         s = cfg.pixel_shuffle
         self.proj_fc1 = nn.Linear(d * s * s, lm_hidden)
         self.proj_fc2 = nn.Linear(lm_hidden, lm_hidden)
-        # image tokens start at the scale of text embeddings (std 0.02): unnormalised they grow ~100x larger,
-        # become an attention sink, and the encoder stops receiving gradient
-        self.proj_norm = RMSNorm(lm_hidden)
-        nn.init.constant_(self.proj_norm.weight, cfg.token_scale)
+        self.proj_norm = None
+        if cfg.projector == "omnimini":
+            # image tokens start at the scale of text embeddings (std 0.02): unnormalised they grow ~100x larger,
+            # become an attention sink, and the encoder stops receiving gradient
+            self.proj_norm = RMSNorm(lm_hidden)
+            nn.init.constant_(self.proj_norm.weight, cfg.token_scale)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels [N, 3, H, W] normalised -> image tokens [N, (H/p/s)*(W/p/s), lm_hidden]."""
@@ -59,17 +74,31 @@ class VisionEncoder(nn.Module):
         if gh > self.cfg.max_grid or gw > self.cfg.max_grid or gh % s or gw % s:
             raise ValueError(f"image of {H}x{W} px gives a {gh}x{gw} patch grid; need <= {self.cfg.max_grid} "
                              f"and divisible by pixel_shuffle {s}")
+        if self.cfg.positions == "1d" and gh * gw != self.cfg.grid ** 2:
+            raise ValueError(f"image of {H}x{W} px gives a {gh}x{gw} patch grid; this tower's positions are for "
+                             f"{self.cfg.grid}x{self.cfg.grid}")
         patches = pixels.unfold(2, p, p).unfold(3, p, p)  # N, C, gh, gw, p, p
         patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(N, gh * gw, C * p * p)
         x = self.patch_embed(patches)
-        pos = (self.pos_row[:gh, None, :] + self.pos_col[None, :gw, :]).reshape(gh * gw, -1)
-        x = x + pos
+        if self.class_token is not None:
+            x = torch.cat([self.class_token.expand(N, 1, -1).to(x.dtype), x], dim=1)
+        if self.cfg.positions == "1d":
+            x = x + self.pos
+        else:
+            x = x + (self.pos_row[:gh, None, :] + self.pos_col[None, :gw, :]).reshape(gh * gw, -1)
+        if self.pre_norm is not None:
+            x = self.pre_norm(x)
         for blk in self.blocks:
             x = blk(x)
-        x = self.norm(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.class_token is not None:
+            x = x[:, 1:]  # LLaVA's "default" feature selection: the patches only
         return self.project(x, gh, gw)
 
     def project(self, x, gh, gw):
+        if self.proj_norm is None:  # LLaVA's MLP projector: one token per patch
+            return self.proj_fc2(F.gelu(self.proj_fc1(x)))
         # pixel shuffle: merge each s x s neighbourhood of patches into one token (fewer, wider tokens)
         s = self.cfg.pixel_shuffle
         N, _, D = x.shape

@@ -31,7 +31,7 @@ class EmbeddingsRequest(BaseModel):
 
 
 def token_inputs(body: EmbeddingsRequest, tok, context: int) -> list[list[int]]:
-    """The request's inputs as token-id lists (strings are encoded without a chat template)."""
+    """The request's inputs as token-id lists (strings: literal text, no chat template, BOS if the model wants it)."""
     raw = body.input
     if isinstance(raw, str):
         raw = [raw]
@@ -43,7 +43,7 @@ def token_inputs(body: EmbeddingsRequest, tok, context: int) -> list[list[int]]:
         raw = [raw]  # one pre-tokenized input
     out = []
     for i, x in enumerate(raw):
-        ids = tok.encode(x, allow_special=False) if isinstance(x, str) else list(x)
+        ids = tok.encode_prompt(x, allow_special=False) if isinstance(x, str) else list(x)
         if not ids:
             raise bad_request(f"input[{i}] is empty", "input")
         if any(not 0 <= t < tok.vocab_size for t in ids):

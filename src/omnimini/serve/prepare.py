@@ -20,7 +20,7 @@ from omnimini.engine.tools import (
     template_knows_tools,
     tool_constraint,
 )
-from omnimini.images import ImageError, ImageLimits, decode_data_url, open_image, to_pixels
+from omnimini.images import ImageError, ImageLimits, decode_data_url, open_image, vision_pixels
 from omnimini.serve.errors import APIError, bad_request
 from omnimini.serve.protocol import ChatCompletionRequest, CompletionRequest
 from omnimini.serve.registry import ServedModel
@@ -113,7 +113,7 @@ async def _load_images(urls: list[str], served: ServedModel, cfg) -> torch.Tenso
             raise bad_request(f"Invalid image {i}: {e}", "messages", "invalid_image") from None
         except httpx.HTTPError as e:
             raise bad_request(f"Could not fetch image {i}: {e}", "messages", "invalid_image") from None
-        pixels.append(to_pixels(img, vision.image_size))
+        pixels.append(vision_pixels(img, vision))
     return torch.stack(pixels)
 
 

@@ -22,12 +22,13 @@ from omnimini.weights.checkpoint import CheckpointError, build_model, read_safet
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "mistral", "phi3",
                          "gemma3_text")
 GEMMA = ("gemma3_text",)
+VISION_LANGUAGE = ("llava",)  # CLIP tower + MLP projector + one of the text families (hf_llava.py)
 SUPPORTED_ROPE = ("default", "linear", "llama3")
 HF_INDEX = "model.safetensors.index.json"
 
 
 def _supported() -> str:
-    return ", ".join(SUPPORTED_MODEL_TYPES)
+    return ", ".join(SUPPORTED_MODEL_TYPES + VISION_LANGUAGE)
 
 
 # ---- config --------------------------------------------------------------------------------------------------
@@ -281,9 +282,25 @@ def check_vocab(tokenizer, cfg: ModelConfig, where: str) -> None:
 
 def load_hf_model(path, device="cpu", dtype=torch.float32):
     d = Path(path)
-    cfg = config_from_hf(read_hf_config(d))
+    c = read_hf_config(d)
+    if c.get("model_type") in VISION_LANGUAGE:
+        return _load_llava(d, c, device, dtype)
+    cfg = config_from_hf(c)
     state = convert_state(read_safetensors(_weight_files(d)), cfg)
     return build_model(cfg, state, f"{d} ({cfg.arch})", device, dtype)
+
+
+def _load_llava(d: Path, c: dict, device, dtype):
+    import dataclasses
+
+    from omnimini.weights import hf_llava
+
+    text = config_from_hf(hf_llava.text_config(c))
+    vision, image_token = hf_llava.vision_config(c, d)
+    cfg = dataclasses.replace(text, vision=vision, image_token_id=image_token, arch="llava")
+    lm, tower = hf_llava.split_state(read_safetensors(_weight_files(d)), vision)
+    state = {**convert_state(lm, text), **tower}
+    return build_model(cfg, state, f"{d} (llava)", device, dtype)
 
 
 def load_hf(path, device="cpu", dtype=torch.float32):
@@ -295,5 +312,8 @@ def load_hf(path, device="cpu", dtype=torch.float32):
         raise CheckpointError(f"Hugging Face model directory not found: {d}")
     model = load_hf_model(d, device, dtype)
     tok = Tokenizer.from_dir(d)
+    if model.config.arch in VISION_LANGUAGE:  # its template writes one placeholder per image
+        tok.image_token = tok.id_to_token(model.config.image_token_id)
+        tok.expand_image_token = True
     check_vocab(tok, model.config, str(d))
     return model, tok

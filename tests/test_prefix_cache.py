@@ -134,3 +134,13 @@ def test_block_keys_chain_the_prefix():
     assert len(a) == 3 and a[:2] == b[:2] and a[2] != b[2]
     c = block_keys([1] + list(range(1, 100)), 32)  # a change in block 0 changes every later key
     assert all(x != y for x, y in zip(a, c, strict=True))
+
+
+def test_the_image_placeholder_is_never_sampled(tok):  # noqa: F811
+    eng = Engine(tiny_model(tok, vision=True), tok, max_batch=1)
+    try:  # even when a logit bias makes it the most likely token by far
+        p = SamplingParams(temperature=0, max_tokens=8, logit_bias={tok.image_token_id: 100.0})
+        res = eng.generate([EngineRequest(words(tok, 20, 9), p)])[0]
+        assert tok.image_token_id not in res.completions[0].token_ids
+    finally:
+        eng.shutdown()

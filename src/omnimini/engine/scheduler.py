@@ -214,7 +214,12 @@ class Engine:
         self.pad_id = pad if pad != cfg.image_token_id and pad < self.vocab else 0
         # logits past the tokenizer's vocabulary are padding rows of the embedding: never sample them
         tv = min(tokenizer.vocab_size, self.vocab)
-        self._invalid = None if tv >= self.vocab else torch.arange(self.vocab) >= tv
+        invalid = torch.arange(self.vocab) >= tv
+        if cfg.image_token_id is not None and cfg.image_token_id < self.vocab:
+            # an image placeholder is input only: sampled, it would come back in the next turn's prompt as a
+            # placeholder without an image (a 400 for a stored conversation continued with previous_response_id)
+            invalid[cfg.image_token_id] = True
+        self._invalid = invalid if bool(invalid.any()) else None
         self.cache = model.new_cache(max_batch, self.max_context)
         # prefix cache: its own pool beside the slots (default a quarter of the slots' KV budget); 0 turns it off
         pc = self.kv_budget // 4 if prefix_cache_tokens is None else prefix_cache_tokens

@@ -20,7 +20,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: list[str] = field(default_factory=list)
-    quantize: str = "fp16"  # fbgemm fp16 weights: faster than float32 on CPU, greedy outputs unchanged
+    quantize: str = "auto"  # a GGUF's own blocks on omnimini's kernels; other sources fbgemm fp16 (runtime.py)
     max_batch: int = 16
     max_context: int | None = 2048  # per-sequence KV rows (allocated up front for every slot); capped by the model
     kv_budget_tokens: int | None = None
@@ -58,7 +58,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", action="append", dest="api_keys", default=[],
                    help=f"require this bearer key (repeatable; also env {API_KEY_ENV}, comma-separated)")
     p.add_argument("--quantize", default=d.quantize, choices=QUANTIZE_MODES,
-                   help="CPU weight format: fp16 (default; greedy outputs as float32), int8 (fastest), none")
+                   help="CPU weight format: auto (default: a GGUF keeps its own Q8_0/Q4_0/Q4_1 blocks on "
+                        "omnimini's kernels, other models fp16), q8_0|q4_0|q4_1 (block formats), fp16, int8, none")
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="sequences decoded together")
     p.add_argument("--max-context", type=int, default=d.max_context, help="max tokens per sequence (KV rows)")
     p.add_argument("--kv-budget-tokens", type=int, default=None, help="KV tokens reserved at once (queue beyond)")

@@ -101,3 +101,19 @@ def test_limit_zero_is_a_clear_error(capsys):
     assert main(["eval", "--tasks", "mmlu", "--limit", "0"]) == 2
     err = capsys.readouterr().err
     assert "--limit" in err and "Traceback" not in err
+
+
+def test_eval_without_model_uses_the_default_model(monkeypatch):
+    from omnimini.eval import cli, clients
+
+    seen = []
+    monkeypatch.setattr(clients, "make_local_client", lambda spec: seen.append(spec) or "client")
+    args = cli.main.__globals__["argparse"].Namespace(model=None, endpoint=None)
+    assert cli.make_client(args) == "client" and seen == [None]  # None = the default model (load_any)
+    both = cli.main.__globals__["argparse"].Namespace(model="x", endpoint="http://127.0.0.1:1/v1")
+    try:
+        cli.make_client(both)
+    except ValueError as exc:
+        assert "not both" in str(exc)
+    else:
+        raise AssertionError("--model with --endpoint must be refused")

@@ -63,4 +63,8 @@ def make_local_client(spec: str, quantize: str = "none"):
 
     model, tok = load_for_inference(spec, quantize=quantize)  # load_any knows "default"
     runner = LocalRunner(model, tok)
+    if spec is None:
+        from omnimini.weights.default import DEFAULT_MODEL_NAME
+
+        spec = DEFAULT_MODEL_NAME  # the name `serve` gives it, so caches and reports name the model
     return InProcessClient(runner.generate, runner.loglikelihood, model_id=str(spec))

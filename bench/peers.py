@@ -157,7 +157,7 @@ def main():
     def native():  # the GGUF's own blocks (load_for_inference's path for a GGUF with a block format)
         from omnimini.weights.gguf_native import load_native
 
-        m, _, blocks = load_native(path, "q4_1")
+        m, _, blocks = load_native(str(path), path, "q4_1")
         return quantize_model(m.eval(), "q4_1", native=blocks)
 
     steps = [("omnimini gguf blocks", lambda: bench_omni(native(), vocab)),

@@ -18,8 +18,8 @@ TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content']
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 # HF model_type -> GGUF architecture name
-ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3moe",
-        "phi3": "phi3", "gemma3_text": "gemma3"}
+ARCH = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+        "qwen3_moe": "qwen3moe", "phi3": "phi3", "gemma3_text": "gemma3"}
 
 _LAYER = {
     "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
@@ -53,6 +53,9 @@ def _metadata(w: gguf.GGUFWriter, c, arch: str, vocab_size: int) -> None:
         w.add_expert_count(c.num_experts)
         w.add_expert_used_count(c.num_experts_per_tok)
         w.add_expert_feed_forward_length(c.moe_intermediate_size)
+    elif c.model_type == "mixtral":  # a llama file with experts; feed_forward_length is the expert width
+        w.add_expert_count(c.num_local_experts)
+        w.add_expert_used_count(c.num_experts_per_tok)
 
 
 def byte_level_tokenizer(w: gguf.GGUFWriter) -> None:

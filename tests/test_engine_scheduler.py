@@ -29,10 +29,10 @@ def tok(tmp_path_factory) -> Tokenizer:
     return Tokenizer.train([str(path)], 400, show_progress=False)
 
 
-def tiny_model(tok, vision: bool = False, seed: int = 0) -> OmniModel:
+def tiny_model(tok, vision: bool = False, seed: int = 0, max_seq_len: int = 256) -> OmniModel:
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                      intermediate_size=128, max_seq_len=256,
+                      intermediate_size=128, max_seq_len=max_seq_len,
                       vision=VisionConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=1, num_heads=2,
                                           intermediate_size=64, pixel_shuffle=2) if vision else None,
                       image_token_id=tok.image_token_id if vision else None)

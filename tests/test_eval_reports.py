@@ -120,8 +120,8 @@ def test_cli_compare_card_and_errors(tmp_path, capsys):
     assert eval_main(["eval", "card", str(a), "--params", params, "--name", "mine"]) == 0
     out = capsys.readouterr().out
     assert "# mine" in out and "| Type | dense |" in out
-    assert eval_main(["eval", "--tasks", "mmlu"]) == 2
-    assert "exactly one of --model" in capsys.readouterr().err
+    assert eval_main(["eval", "--tasks", "mmlu", "--model", "x", "--endpoint", "http://127.0.0.1:1/v1"]) == 2
+    assert "not both" in capsys.readouterr().err
     assert eval_main(["eval", "--model", "x", "--tasks", "mmlu"]) == 2
     assert "model not found: x" in capsys.readouterr().err
     assert eval_main(["eval", "--endpoint", "http://127.0.0.1:9", "--tasks", "nope"]) == 2

@@ -7,49 +7,23 @@ import random
 
 import pytest
 import torch
+from test_engine_scheduler import WORDS, tiny_model, tok  # noqa: F401  (tok is a fixture)
 
-from omnimini.config import ModelConfig, VisionConfig
 from omnimini.engine.prefix_cache import block_keys
 from omnimini.engine.sampling import SamplingParams
 from omnimini.engine.scheduler import Engine, EngineRequest
-from omnimini.model import OmniModel
-from omnimini.tokenizer import Tokenizer
-
-WORDS = "the quick brown fox jumps over a lazy dog hello world json schema tool call weather paris".split()
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> Tokenizer:
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("corpus") / "c.txt"
-    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(10)) for _ in range(300)))
-    return Tokenizer.train([str(path)], 400, show_progress=False)
+def model(tok):  # noqa: F811
+    return tiny_model(tok, max_seq_len=1536)
 
 
-def tiny_model(tok, vision: bool = False) -> OmniModel:
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                      intermediate_size=128, max_seq_len=1536,
-                      vision=VisionConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=1, num_heads=2,
-                                          intermediate_size=64, pixel_shuffle=2) if vision else None,
-                      image_token_id=tok.image_token_id if vision else None)
-    m = OmniModel(cfg).eval()
-    with torch.no_grad():  # peakier logits: greedy choices far from ties
-        for p in m.parameters():
-            p.mul_(4.0)
-    return m
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_model(tok)
-
-
-def words(tok, n: int, seed: int) -> list[int]:
+def words(tokenizer, n: int, seed: int) -> list[int]:
     rng = random.Random(seed)
     ids: list[int] = []
     while len(ids) < n:
-        ids += tok.encode(" " + " ".join(rng.choice(WORDS) for _ in range(64)))
+        ids += tokenizer.encode(" " + " ".join(rng.choice(WORDS) for _ in range(64)))
     return ids[:n]
 
 
@@ -72,7 +46,7 @@ def run(engine: Engine, ids: list[int], max_tokens: int = 6, pixels=None):
     return req.request_id, engine.generate([req], timeout=120)[0]
 
 
-def test_cached_prefix_gives_fresh_logits_and_reports_cached_tokens(model, tok):
+def test_cached_prefix_gives_fresh_logits_and_reports_cached_tokens(model, tok):  # noqa: F811
     system = words(tok, 1100, 1)
     a, b = system + words(tok, 20, 2), system + words(tok, 25, 3)
     cached = Engine(model, tok, max_batch=2, prefill_chunk=256, prefix_cache_tokens=4096)
@@ -98,7 +72,7 @@ def test_cached_prefix_gives_fresh_logits_and_reports_cached_tokens(model, tok):
         fresh.shutdown()
 
 
-def test_requests_arriving_together_share_the_first_ones_blocks(model, tok):
+def test_requests_arriving_together_share_the_first_ones_blocks(model, tok):  # noqa: F811
     system = words(tok, 700, 4)
     eng = Engine(model, tok, max_batch=4, prefill_chunk=128, prefix_cache_tokens=4096)
     try:
@@ -112,7 +86,7 @@ def test_requests_arriving_together_share_the_first_ones_blocks(model, tok):
         eng.shutdown()
 
 
-def test_eviction_under_a_small_budget_keeps_serving_correctly(model, tok):
+def test_eviction_under_a_small_budget_keeps_serving_correctly(model, tok):  # noqa: F811
     small = Engine(model, tok, max_batch=2, prefill_chunk=64, prefix_cache_tokens=128)  # 4 blocks
     fresh = Engine(model, tok, max_batch=2, prefill_chunk=64, prefix_cache_tokens=0)
     try:
@@ -130,8 +104,8 @@ def test_eviction_under_a_small_budget_keeps_serving_correctly(model, tok):
         fresh.shutdown()
 
 
-def test_images_with_different_content_do_not_share_cache(tok):
-    model = tiny_model(tok, vision=True)
+def test_images_with_different_content_do_not_share_cache(tok):  # noqa: F811
+    model = tiny_model(tok, vision=True, max_seq_len=1536)
     tpi = model.config.vision.tokens_per_image
     text = words(tok, 64, 5)
     ids = text + [tok.image_token_id] * tpi + words(tok, 70, 6)
@@ -160,3 +134,13 @@ def test_block_keys_chain_the_prefix():
     assert len(a) == 3 and a[:2] == b[:2] and a[2] != b[2]
     c = block_keys([1] + list(range(1, 100)), 32)  # a change in block 0 changes every later key
     assert all(x != y for x, y in zip(a, c, strict=True))
+
+
+def test_the_image_placeholder_is_never_sampled(tok):  # noqa: F811
+    eng = Engine(tiny_model(tok, vision=True), tok, max_batch=1)
+    try:  # even when a logit bias makes it the most likely token by far
+        p = SamplingParams(temperature=0, max_tokens=8, logit_bias={tok.image_token_id: 100.0})
+        res = eng.generate([EngineRequest(words(tok, 20, 9), p)])[0]
+        assert tok.image_token_id not in res.completions[0].token_ids
+    finally:
+        eng.shutdown()

@@ -118,6 +118,21 @@ def test_streaming_event_order(client):
     assert client.responses.retrieve(final.id).output_text == final.output_text
 
 
+def test_logprobs_when_included(client):
+    r = client.responses.create(model="main", input="hello", max_output_tokens=4, top_logprobs=2,
+                                include=["message.output_text.logprobs"])
+    part = r.output[0].content[0]
+    assert len(part.logprobs) == r.usage.output_tokens and r.top_logprobs == 2
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in part.logprobs)
+    assert bytes(b for t in part.logprobs for b in t.bytes).decode("utf-8", "replace") == part.text
+    events = list(client.responses.create(model="main", input="hello", max_output_tokens=4, stream=True,
+                                          include=["message.output_text.logprobs"]))
+    streamed = [lp for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
+    assert len(streamed) == events[-1].response.usage.output_tokens
+    plain = client.responses.create(model="main", input="hello", max_output_tokens=2)
+    assert plain.output[0].content[0].logprobs == []
+
+
 class Weather(pydantic.BaseModel):
     city: str = pydantic.Field(max_length=10)
     temp_c: int = pydantic.Field(ge=-50, le=60)
@@ -159,6 +174,20 @@ def test_function_call_round_trip(client):
     assert chained.usage.input_tokens == follow.usage.input_tokens  # the same conversation either way
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(follow.id)  # store=False keeps nothing
+
+
+def test_stream_helper_accumulates_our_events(client):
+    """`client.responses.stream` rebuilds the response from the events; it must agree with response.completed."""
+    with client.responses.stream(model="main", input="Weather in Rome?", text_format=Weather,
+                                 max_output_tokens=120) as stream:
+        texts = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert final.status == "completed" and isinstance(final.output_parsed, Weather)
+    assert "".join(texts) == final.output_text
+    with client.responses.stream(model="main", input="Weather?", tools=TOOLS, tool_choice="required",
+                                 parallel_tool_calls=False, max_output_tokens=60) as stream:
+        final = stream.get_final_response()
+    assert [o.type for o in final.output] == ["function_call"] and json.loads(final.output[0].arguments)
 
 
 def test_function_call_streamed(client):

@@ -24,6 +24,8 @@ def _configs():
     return {
         # a Mistral-style llama file: sliding window shorter than the prompt
         "mistral": T.MistralConfig(**COMMON, intermediate_size=96, head_dim=16, sliding_window=6),
+        # a Mixtral-style llama file: experts under the llama architecture
+        "mixtral": T.MixtralConfig(**COMMON, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2),
         "qwen2": T.Qwen2Config(**COMMON, intermediate_size=96),
         # transformers' GGUF loader does not read qwen3's key_length: keep its default head_dim (128)
         "qwen3": T.Qwen3Config(**COMMON, intermediate_size=96, head_dim=128, tie_word_embeddings=True),
@@ -45,6 +47,7 @@ def _configs():
 
 # transformers' GGUF loader leaves these files' sliding window out: compare it within the window only
 NO_WINDOW_IN_TRANSFORMERS_GGUF = {"mistral": 6, "phi3": 8}
+NOT_IN_TRANSFORMERS_GGUF = {"mixtral"}  # it reads a llama file as a dense Llama
 
 
 def _batch():
@@ -108,6 +111,8 @@ def gguf_arch(name):
 def test_gguf_matches_transformers_gguf_loader(family):
     pytest.importorskip("accelerate")
     name, _, d, path = family
+    if name in NOT_IN_TRANSFORMERS_GGUF:
+        pytest.skip(f"transformers' GGUF loader does not read {name}-style files")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=path.name, dtype=torch.float32).eval()
     model, _ = load_gguf(path, progress=False)
     ids, mask = _batch()
@@ -126,7 +131,10 @@ def test_quantized_gguf_close_to_float(family):
     ids = torch.arange(3, 40)[None]
     with torch.no_grad():
         got, want = model(ids).logits, ref(ids).logits
-    assert (got - want).abs().max() < 0.05 * want.abs().max()
+    if model.config.moe is None:
+        assert (got - want).abs().max() < 0.05 * want.abs().max()
+    else:  # rounding may send a token to another expert of a tiny random MoE: bound the typical error
+        assert (got - want).abs().mean() < 0.05 * want.abs().mean()
     assert not torch.equal(got, want)
 
 

@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None)
     p.add_argument("--system", default=None)
     p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--quantize", choices=QUANTIZE_MODES, default="fp16")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, default="auto")
     p.add_argument("--compile", action="store_true", dest="compile_decode",
                    help="compile the decode step (faster tokens; 1-3 min the first time, then cached)")
     p.set_defaults(fn=cmd_chat)

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # CPU weight formats of the engine (engine/quant.py): fbgemm's fp16 / int8, and GGUF block formats run by
-# omnimini's own kernels (omnimini.kernels); listed here so the command line needs no torch import
-QUANTIZE_MODES = ("none", "fp16", "int8", "int4", "q8_0", "q4_0", "q4_1")
+# omnimini's own kernels (omnimini.kernels); listed here so the command line needs no torch import. "auto" (the
+# serving default): a GGUF source keeps its own blocks on the kernels, anything else gets fp16 (runtime.py)
+QUANTIZE_MODES = ("auto", "none", "fp16", "int8", "int4", "q8_0", "q4_0", "q4_1")
 ACTIVATIONS = ("silu", "gelu_tanh")  # the gated MLP's activation functions (model/layers.py)
 
 

@@ -7,18 +7,31 @@ from collections.abc import Iterator
 import torch
 
 
+def resolve_quantize(quantize: str, from_gguf: bool) -> str:
+    """"auto": a GGUF keeps its own blocks on omnimini's kernels (other tensors -> q8_0); without the kernels, or
+    for float sources, fbgemm fp16 (greedy outputs as float32). Any other mode is itself."""
+    if quantize != "auto":
+        return quantize
+    from omnimini import kernels
+
+    return "q8_0" if from_gguf and kernels.available() else "fp16"
+
+
 def load_for_inference(spec: str | None, quantize: str = "none", device: str = "cpu"):
     """(model, tokenizer) from an omnimini dir, HF dir, .gguf file or model name; None -> the default model."""
     from omnimini.engine.quant import BLOCK_MODES
     from omnimini.weights.convert import load_any
 
     gguf = native = None
-    if quantize in BLOCK_MODES and device == "cpu":
-        from omnimini.weights.gguf_native import gguf_source, load_native
+    if (quantize in BLOCK_MODES or quantize == "auto") and device == "cpu":
+        from omnimini.weights.gguf_native import gguf_source
 
         gguf = gguf_source(spec)  # a GGUF source keeps its own blocks (read from the file, not re-quantized)
-    if gguf is not None:
-        model, tok, native = load_native(gguf, quantize)
+    quantize = resolve_quantize(quantize, gguf is not None)
+    if gguf is not None and quantize in BLOCK_MODES:
+        from omnimini.weights.gguf_native import load_native
+
+        model, tok, native = load_native(spec, gguf, quantize)
     else:
         model, tok = load_any(spec, device=device, dtype=torch.float32)
     model.eval()

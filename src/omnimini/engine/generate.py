@@ -38,7 +38,7 @@ def _pad(rows: list[list[int]], pad: int, device=None) -> torch.Tensor:
 @torch.inference_mode()
 def prefill(model, cache, rows: list[list[int]], slots: torch.Tensor, image_embeds=None) -> torch.Tensor:
     """Run right-padded prompts through the model into cache rows `slots`; return each row's last logits."""
-    dev = model.embed.weight.device
+    dev = model.norm.weight.device  # (the embedding may hold quantized blocks)
     ids = _pad(rows, 0, dev)
     B, T = ids.shape
     positions = torch.arange(T, device=dev).expand(B, T)
@@ -59,7 +59,7 @@ def generate_stream(model, requests: list[GenRequest], eos_ids: list[int]) -> It
     slots = torch.arange(B)
     embeds = None
     pix = [r.pixels for r in requests if r.pixels is not None]
-    dev = model.embed.weight.device
+    dev = model.norm.weight.device  # (the embedding may hold quantized blocks)
     if pix:
         embeds = model.encode_images(torch.cat(pix).to(dev))
     logits = prefill(model, cache, [r.prompt_ids for r in requests], slots, embeds)

@@ -27,7 +27,7 @@ from torch import nn
 from omnimini import kernels
 from omnimini.config import QUANTIZE_MODES
 from omnimini.kernels.blocks import FORMATS, check_blocks
-from omnimini.model.blocklinear import BlockLinear
+from omnimini.model.blocklinear import BlockEmbedding, BlockLinear
 from omnimini.model.layers import ACTIVATION_FNS, Attention, SwiGLU
 from omnimini.model.moe import MoE
 
@@ -226,6 +226,8 @@ def quantize_model(model, mode: str = "int8", calib_ids: list[int] | None = None
     """Quantize `model` in place for CPU inference; returns it. mode: q8_0 | q4_0 | q4_1 | int8 | fp16 | none
     (int4: see module doc). int8 with `calib_ids` (tokens of ordinary text) first moves activation outliers into
     the weights (smooth.py). `native` (block modes): weights already in a block format, see BlockLinears."""
+    if mode == "auto":  # no GGUF blocks to keep here (runtime.resolve_quantize): the accurate packed format
+        mode = "fp16"
     if mode not in MODES:
         raise QuantizeError(f"unknown quantization mode {mode!r} (choose one of: {', '.join(MODES)})")
     if mode == "none":
@@ -238,6 +240,8 @@ def quantize_model(model, mode: str = "int8", calib_ids: list[int] | None = None
         raise QuantizeError(f"{mode} quantization uses fbgemm CPU kernels: load the model on cpu (on GPU use bf16)")
     if model.training:
         raise QuantizeError("quantize_model is for inference; call model.eval() first")
+    if mode in BLOCK_MODES:
+        kernels.available()  # build (or load) the kernels now, while loading, not inside the first request
     linear = BlockLinears(mode, native) if mode in BLOCK_MODES else LINEARS[mode]
     if mode == "int8" and calib_ids:
         from omnimini.engine.smooth import smooth_model
@@ -251,7 +255,10 @@ def quantize_model(model, mode: str = "int8", calib_ids: list[int] | None = None
             blk.mlp = QuantSwiGLU.from_swiglu(blk.mlp, linear)
     head = model.embed.weight if model.lm_head is None else model.lm_head.weight
     # OmniModel.output_head calls lm_head whenever it is set, tied or not
+    tied = model.lm_head is None
     model.lm_head = linear(head, fmt="q8_0") if isinstance(linear, BlockLinears) else linear(head)
+    if tied and isinstance(model.lm_head, BlockLinear):  # lookups read the head's blocks: no float32 table
+        model.embed = BlockEmbedding.sharing(model.lm_head)
     model.quantization = mode
     return model
 

@@ -14,11 +14,17 @@ Prefix caching (engine/prefix_cache.py): before a request's prefill chunk, the p
 its prompt are copied into its slot and skipped; after each chunk, the prompt's newly computed full blocks are
 pooled. Lookups happen chunk by chunk, so requests that arrive together with one long shared prefix reuse the
 blocks the first of them has just computed.
+
+Background requests (EngineRequest.priority > 0, e.g. Batch API lines, see `background_priority`) never delay
+interactive ones: waiting interactive requests are admitted and prefilled first, and background requests leave
+a quarter of the slots free for them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import logging
 import math
 import os
@@ -41,6 +47,19 @@ log = logging.getLogger("omnimini.engine")
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
+_BACKGROUND = contextvars.ContextVar("omnimini_background_priority", default=False)
+
+
+@contextlib.contextmanager
+def background_priority():
+    """Requests submitted in this context (this task and the tasks it starts) run at background priority."""
+    token = _BACKGROUND.set(True)
+    try:
+        yield
+    finally:
+        _BACKGROUND.reset(token)
+
+
 class EngineError(RuntimeError):
     """A request failed inside the engine (the engine itself keeps running)."""
 
@@ -60,6 +79,7 @@ class EngineRequest:
     n: int = 1
     pixels: torch.Tensor | None = None  # [n_images, 3, S, S] for the image placeholders in prompt_ids
     constraint: Constraint | None = None  # grammar every sequence must follow
+    priority: int = 0  # 0 interactive; > 0 background (admitted after interactive requests, never in their slots)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -112,6 +132,7 @@ class GenerationResult:
 @dataclass
 class EngineStats:
     requests_total: int = 0
+    background_requests_total: int = 0  # of those, submitted at background priority (batch lines)
     requests_finished: dict = field(default_factory=dict)  # finish_reason -> count
     prompt_tokens_total: int = 0
     prompt_tokens_cached_total: int = 0  # of those, served from the prefix cache
@@ -193,7 +214,12 @@ class Engine:
         self.pad_id = pad if pad != cfg.image_token_id and pad < self.vocab else 0
         # logits past the tokenizer's vocabulary are padding rows of the embedding: never sample them
         tv = min(tokenizer.vocab_size, self.vocab)
-        self._invalid = None if tv >= self.vocab else torch.arange(self.vocab) >= tv
+        invalid = torch.arange(self.vocab) >= tv
+        if cfg.image_token_id is not None and cfg.image_token_id < self.vocab:
+            # an image placeholder is input only: sampled, it would come back in the next turn's prompt as a
+            # placeholder without an image (a 400 for a stored conversation continued with previous_response_id)
+            invalid[cfg.image_token_id] = True
+        self._invalid = invalid if bool(invalid.any()) else None
         self.cache = model.new_cache(max_batch, self.max_context)
         # prefix cache: its own pool beside the slots (default a quarter of the slots' KV budget); 0 turns it off
         pc = self.kv_budget // 4 if prefix_cache_tokens is None else prefix_cache_tokens
@@ -203,6 +229,7 @@ class Engine:
         self.ready = threading.Event()  # set once the engine thread serves (after compiling, if asked to)
         self.stats = EngineStats()
         self._free_slots = list(range(max_batch))
+        self._interactive_slots = max_batch // 4 if max_batch >= 4 else (1 if max_batch > 1 else 0)
         self._reserved = 0
         self._cv = threading.Condition()
         self._inbox: deque[_Req] = deque()
@@ -253,6 +280,8 @@ class Engine:
     def submit(self, req: EngineRequest, sink: Callable[[EngineEvent], None]) -> str:
         """Queue a request; `sink` is called (from the engine thread) with every EngineEvent."""
         reserve = self.check(req)
+        if _BACKGROUND.get():
+            req.priority = max(req.priority, 1)
         r = _Req(req, sink, self.vocab, reserve)
         if self.prefix_cache is not None:  # hashed here, in the caller's thread, not the engine's
             r.block_keys = self._block_keys(req)
@@ -261,6 +290,7 @@ class Engine:
                 raise EngineClosedError("the engine is shutting down")
             self._inbox.append(r)
             self.stats.requests_total += 1
+            self.stats.background_requests_total += req.priority > 0
             self.stats.prompt_tokens_total += len(r.prompt)
             self._cv.notify()
         return req.request_id
@@ -335,7 +365,7 @@ class Engine:
 
     def _has_work(self) -> bool:
         return bool(self._inbox or self._aborts or self._prefilling or self._running
-                    or (self._waiting and self._can_admit(self._waiting[0])))
+                    or self._next_admissible() is not None)
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
@@ -397,11 +427,20 @@ class Engine:
         log.info("compiled decode step ready for %s in %.1f s", self.name, time.perf_counter() - t)
 
     def _can_admit(self, r: _Req) -> bool:
-        return len(self._free_slots) >= len(r.seqs) and self._reserved + r.reserve <= self.kv_budget
+        keep = self._interactive_slots if r.req.priority > 0 else 0
+        return len(self._free_slots) - keep >= len(r.seqs) and self._reserved + r.reserve <= self.kv_budget
+
+    def _next_admissible(self) -> _Req | None:
+        """The oldest waiting interactive request, else the oldest background one, if it fits now (FIFO within
+        each class, so a large request is not starved by smaller ones behind it)."""
+        head = next((r for r in self._waiting if r.req.priority == 0), None)
+        if head is None:
+            head = next(iter(self._waiting), None)
+        return head if head is not None and self._can_admit(head) else None
 
     def _admit(self) -> None:
-        while self._waiting and self._can_admit(self._waiting[0]):
-            r = self._waiting.popleft()
+        while (r := self._next_admissible()) is not None:
+            self._waiting.remove(r)
             for s in r.seqs:
                 s.slot = self._free_slots.pop()
                 s.utf8 = _Utf8()
@@ -456,7 +495,7 @@ class Engine:
     def _prefill_step(self) -> None:
         budget = self.prefill_chunk
         batch: list[tuple[_Req, int, int]] = []
-        for r in self._prefilling:
+        for r in sorted(self._prefilling, key=lambda r: r.req.priority):  # stable: FIFO within a class
             if budget <= 0:
                 break
             self._reuse_prefix(r)

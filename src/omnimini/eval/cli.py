@@ -20,7 +20,8 @@ from omnimini.eval.errors import EvalError
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("model (one of)")
-    src.add_argument("--model", help="omnimini checkpoint directory or model name (in-process engine)")
+    src.add_argument("--model", help="omnimini checkpoint directory or model name (in-process engine; "
+                     "default: the default model, as `omnimini serve` serves it)")
     src.add_argument("--endpoint", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
     src.add_argument("--api-key", default=None, help="endpoint key (default: $OPENAI_API_KEY)")
     src.add_argument("--endpoint-model", default=None, help="model name sent to the endpoint")
@@ -62,9 +63,9 @@ def _slug(text: str) -> str:
 def make_client(args):
     from omnimini.eval import clients
 
-    if bool(args.model) == bool(args.endpoint):
-        raise EvalError("give exactly one of --model DIR|NAME or --endpoint URL")
-    if args.model:
+    if args.model and args.endpoint:
+        raise EvalError("give one of --model DIR|NAME or --endpoint URL, not both")
+    if not args.endpoint:  # no --model: the default model, as `omnimini serve` serves it
         return clients.make_local_client(args.model)
     key = args.api_key or os.environ.get("OPENAI_API_KEY")
     return clients.OpenAIEndpointClient(args.endpoint, api_key=key, model=args.endpoint_model or "default",
@@ -78,10 +79,13 @@ def _run(args) -> int:
 
     if not args.tasks:
         raise EvalError("--tasks is required, e.g. --tasks mmlu,gpqa_diamond,scene_qa")
+    if args.limit is not None and args.limit < 1:
+        raise EvalError(f"--limit must be a positive number of items per subject, got {args.limit}")
     tasks = get_tasks(args.tasks)  # validate names before starting a model
     controls = _image_controls(args.image_control)
     client = make_client(args)
-    out = Path(args.out or Path("eval-results") / _slug(args.endpoint_model or args.model or "endpoint"))
+    label = args.endpoint_model or args.model or ("endpoint" if args.endpoint else "default")
+    out = Path(args.out or Path("eval-results") / _slug(label))
     cfg = RunConfig(tasks=[t.name for t in tasks], out_dir=out, data_dir=args.data, limit=args.limit,
                     shots=args.shots, mode=args.mode, max_tokens=args.max_tokens, temperature=args.temperature,
                     concurrency=args.concurrency, seed=args.seed, image_controls=controls,

@@ -10,8 +10,10 @@ from omnimini.runtime import encode_messages
 
 
 class LocalRunner:
-    def __init__(self, model, tok, batch_size: int = 8):
+    def __init__(self, model, tok, batch_size: int = 8, token_budget: int = 4096):
         self.model, self.tok, self.batch_size = model, tok, batch_size
+        self.token_budget = token_budget  # log-likelihood: padded tokens per forward (not a row count)
+        self.tokens_scored = self.truncated = self.batches = 0  # for the progress bar and the final report
         self._engine = None
 
     @property
@@ -39,36 +41,20 @@ class LocalRunner:
 
     @torch.inference_mode()
     def loglikelihood(self, items: list[tuple[str, list[str]]]) -> list[list[float]]:
-        """Sum of log-probs of each continuation given its context (lm-evaluation-harness semantics:
-        the pair is encoded as one string and the continuation is what follows the context's tokens)."""
-        rows, spans = [], []
-        for context, conts in items:
-            ctx = self.tok.encode(context)
-            for c in conts:
-                whole = self.tok.encode(context + c)
-                n_ctx = len(ctx) if whole[:len(ctx)] == ctx else len(self.tok.encode(context.rstrip()))
-                rows.append(whole[-self.model.config.max_seq_len:])
-                spans.append(len(whole) - n_ctx)
-        scores = []
-        for i in range(0, len(rows), self.batch_size):
-            scores += self._score(rows[i:i + self.batch_size], spans[i:i + self.batch_size])
+        """Sum of log-probs of each continuation given its context, lm-evaluation-harness semantics (see
+        loglik.encode_pair). Each distinct context is encoded once for all its continuations (loglik.py)."""
+        from omnimini.eval.loglik import score_requests
+
+        reqs = [(context, c) for context, conts in items for c in conts]
+        scores, stats = score_requests(self.model, self.tok, reqs, token_budget=self.token_budget)
+        self.tokens_scored += stats.tokens
+        self.truncated += stats.truncated
+        self.batches += stats.batches
         out, k = [], 0
         for _, conts in items:
             out.append(scores[k:k + len(conts)])
             k += len(conts)
         return out
-
-    def _score(self, rows, spans) -> list[float]:
-        T = max(len(r) for r in rows)
-        ids = torch.tensor([r + [0] * (T - len(r)) for r in rows])
-        mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows])
-        logp = self.model(ids, attention_mask=mask).logits.float().log_softmax(-1)
-        res = []
-        for b, (r, n) in enumerate(zip(rows, spans, strict=True)):
-            tgt = torch.tensor(r[len(r) - n:])
-            pred = logp[b, len(r) - n - 1:len(r) - 1]
-            res.append(float(pred.gather(1, tgt[:, None]).sum()))
-        return res
 
 
 def make_local_client(spec: str, quantize: str = "none"):
@@ -77,4 +63,8 @@ def make_local_client(spec: str, quantize: str = "none"):
 
     model, tok = load_for_inference(spec, quantize=quantize)  # load_any knows "default"
     runner = LocalRunner(model, tok)
+    if spec is None:
+        from omnimini.weights.default import DEFAULT_MODEL_NAME
+
+        spec = DEFAULT_MODEL_NAME  # the name `serve` gives it, so caches and reports name the model
     return InProcessClient(runner.generate, runner.loglikelihood, model_id=str(spec))

@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("qlinear.cpp", "attention.cpp", "pointwise.cpp")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+SOURCES = ("qlinear.cpp", "attention.cpp", "pointwise.cpp", "pool.cpp")
+HEADERS = ("pool.h",)
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-pthread"]
 DISABLE_ENV = "OMNIMINI_NO_KERNELS"
 
 _lock = threading.Lock()
@@ -36,7 +37,7 @@ def cache_dir() -> Path:
 
 def _source_hash() -> str:
     h = hashlib.sha256(torch.__version__.encode() + " ".join(FLAGS).encode())
-    for name in SOURCES:
+    for name in SOURCES + HEADERS:
         h.update((CSRC / name).read_bytes())
     return h.hexdigest()[:16]
 

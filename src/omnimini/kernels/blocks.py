@@ -105,13 +105,14 @@ def check_blocks(blocks: torch.Tensor, fmt: str | BlockFormat, in_features: int,
         raise BlockFormatError(f"{what}: expected uint8 [rows, {nb * f.block_bytes}] {f.name} blocks for "
                                f"in_features={in_features}, got {blocks.dtype} {list(blocks.shape)}")
     b = blocks.reshape(blocks.shape[0], nb, f.block_bytes)
-    scales = [_half_at(b, 0)] + ([_half_at(b, 2)] if f.name == "q4_1" else [])
-    for s in scales:
-        bad = ~torch.isfinite(s)
+    for at in (0, 2) if f.name == "q4_1" else (0,):
+        # a float16 is inf or NaN exactly when its 5 exponent bits (high byte, little-endian) are all set
+        bad = (b[..., at + 1] & 0x7C) == 0x7C
         if bad.any():
-            row, blk = (int(i) for i in bad.nonzero()[0][:2])
-            raise BlockFormatError(f"{what}: corrupt {f.name} block (scale {float(s[row, blk, 0])} in row {row}, "
-                                   f"block {blk}); the file is damaged")
+            row, blk = (int(i) for i in bad.nonzero()[0])
+            value = float(_half_at(b[row:row + 1, blk:blk + 1], at))
+            raise BlockFormatError(f"{what}: corrupt {f.name} block (scale {value} in row {row}, block {blk}); "
+                                   "the file is damaged")
 
 
 def reference_matmul(x: torch.Tensor, blocks: torch.Tensor, fmt: str | BlockFormat) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from omnimini import kernels
-from omnimini.kernels.blocks import QK, check_blocks, get_format, quantize
+from omnimini.kernels.blocks import QK, check_blocks, dequantize, get_format, quantize
 
 
 class BlockLinear(nn.Module):
@@ -42,3 +42,31 @@ class BlockLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.format.name} blocks"
+
+
+class BlockEmbedding(nn.Module):
+    """Token embeddings stored as blocks, usually the very tensor a tied BlockLinear head multiplies with (one
+    copy in memory instead of a float32 table): a lookup dequantizes only the rows it reads."""
+
+    def __init__(self, blocks: torch.Tensor, fmt: str, dim: int):
+        super().__init__()
+        self.format = get_format(fmt)
+        check_blocks(blocks, self.format, dim, "embedding")
+        self.num_embeddings, self.embedding_dim = blocks.shape[0], dim
+        self.register_buffer("blocks", blocks)
+
+    @classmethod
+    def sharing(cls, head: BlockLinear) -> BlockEmbedding:
+        return cls(head.blocks, head.format.name, head.in_features)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = dequantize(self.blocks.index_select(0, ids.reshape(-1)), self.format)
+        return rows.view(*ids.shape, self.embedding_dim)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The whole table in float32 (allocated on each access: for code that needs the table itself)."""
+        return dequantize(self.blocks, self.format)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.format.name} blocks"

@@ -145,8 +145,9 @@ class Attention(nn.Module):
     def _native_decode(self, x, cache: KVCache) -> bool:
         """One new token per sequence, inference on CPU in float32 with fused q/k/v: omnimini's attention kernel
         (rotary, cache write and attention over the cache in one op) when the kernels are available."""
-        return (self.qkv is not None and self.qk_norm in (None, "none") and cache.k[self.layer].dtype == torch.float32
-                and kernels.usable(x))
+        kc = cache.k[self.layer]
+        return (self.qkv is not None and self.qk_norm in (None, "none") and kc.dtype == torch.float32
+                and kc.is_contiguous() and kernels.usable(x))
 
     def _decode_step(self, x, rope, positions, cache: KVCache, slots):
         B = x.shape[0]

@@ -107,7 +107,7 @@ class OmniModel(nn.Module):
         """[N, 3, S, S] -> [N, tokens_per_image, hidden]; computed once per request by the engine."""
         if self.vision is None:
             raise ValueError("this model has no vision encoder; it cannot take images")
-        return self.vision(pixels.to(self.embed.weight.dtype))
+        return self.vision(pixels.to(self.norm.weight.dtype))  # (the embedding may hold quantized blocks)
 
     def embed_inputs(self, input_ids, pixels=None, image_embeds=None) -> torch.Tensor:
         x = self.embed(input_ids)

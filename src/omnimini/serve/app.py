@@ -18,8 +18,12 @@ from omnimini.engine.scheduler import EngineError, EngineRequest
 from omnimini.serve import embeddings as E
 from omnimini.serve import generation as G
 from omnimini.serve import protocol as P
+from omnimini.serve.batch_routes import install_batch_api
+from omnimini.serve.batch_runner import BatchRunner
+from omnimini.serve.batch_store import BatchStore
 from omnimini.serve.config import ServeConfig, add_serve_args, serve_config_from_args
 from omnimini.serve.errors import APIError, install_handlers, parse_body
+from omnimini.serve.files import FileStore
 from omnimini.serve.limits import BodySizeLimit, ConcurrencyLimiter
 from omnimini.serve.metrics import Metrics
 from omnimini.serve.prepare import PreparedChat, prepare_chat, prepare_completion
@@ -72,10 +76,14 @@ def build_app(config: ServeConfig, registry: ModelRegistry | None = None) -> Fas
         compile_decode=config.compile_decode, prefix_cache_tokens=config.prefix_cache_tokens)
     limiter = ConcurrencyLimiter(config.limits.max_concurrent, config.limits.retry_after_s)
     metrics = Metrics(registry)
+    files, batches = FileStore(store), BatchStore(store)
+    runner: BatchRunner | None = None
 
     @asynccontextmanager
     async def lifespan(_app):
+        runner.start()  # resumes batches a previous run left unfinished
         yield
+        await runner.stop()
         await asyncio.to_thread(registry.shutdown, True, config.shutdown_timeout_s)
         store.close()
 
@@ -86,7 +94,8 @@ def build_app(config: ServeConfig, registry: ModelRegistry | None = None) -> Fas
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
-    app.add_middleware(BodySizeLimit, limit=config.limits.max_body_bytes)
+    upload_limit = config.limits.max_file_bytes + 64 * 1024  # the file plus its multipart envelope
+    app.add_middleware(BodySizeLimit, limit=config.limits.max_body_bytes, paths={"/v1/files": upload_limit})
 
     keys = config.keys()
 
@@ -184,6 +193,11 @@ def build_app(config: ServeConfig, registry: ModelRegistry | None = None) -> Fas
                                      sum(len(x) for x in inputs))
 
     install_responses(app, auth, ResponseStore(store))
+
+    keys_list = sorted(keys)
+    runner = BatchRunner(app, batches, files, config.batch_concurrency, keys_list[0] if keys_list else None)
+    install_batch_api(app, auth, files, batches, runner, registry, config.limits.max_file_bytes,
+                      config.limits.max_batch_lines)
     return app
 
 

@@ -20,7 +20,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: list[str] = field(default_factory=list)
-    quantize: str = "fp16"  # fbgemm fp16 weights: faster than float32 on CPU, greedy outputs unchanged
+    quantize: str = "auto"  # a GGUF's own blocks on omnimini's kernels; other sources fbgemm fp16 (runtime.py)
     max_batch: int = 16
     max_context: int | None = 2048  # per-sequence KV rows (allocated up front for every slot); capped by the model
     kv_budget_tokens: int | None = None
@@ -34,6 +34,7 @@ class ServeConfig:
     shutdown_timeout_s: float = 30.0
     log_level: str = "info"
     state_dir: str | None = None  # stored responses etc.; None: $OMNIMINI_STATE_DIR or ~/.local/share/omnimini
+    batch_concurrency: int = 8  # batch lines in flight at once (background priority in the engine)
 
     def keys(self) -> set[str]:
         env = os.environ.get(API_KEY_ENV, "")
@@ -58,7 +59,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", action="append", dest="api_keys", default=[],
                    help=f"require this bearer key (repeatable; also env {API_KEY_ENV}, comma-separated)")
     p.add_argument("--quantize", default=d.quantize, choices=QUANTIZE_MODES,
-                   help="CPU weight format: fp16 (default; greedy outputs as float32), int8 (fastest), none")
+                   help="CPU weight format: auto (default: a GGUF keeps its own Q8_0/Q4_0/Q4_1 blocks on "
+                        "omnimini's kernels, other models fp16), q8_0|q4_0|q4_1 (block formats), fp16, int8, none")
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="sequences decoded together")
     p.add_argument("--max-context", type=int, default=d.max_context, help="max tokens per sequence (KV rows)")
     p.add_argument("--kv-budget-tokens", type=int, default=None, help="KV tokens reserved at once (queue beyond)")
@@ -82,12 +84,15 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", default=None, metavar="DIR",
                    help="where stored responses live (SQLite; several servers may share it); default "
                         "$OMNIMINI_STATE_DIR or ~/.local/share/omnimini")
+    p.add_argument("--batch-concurrency", type=int, default=d.batch_concurrency,
+                   help="Batch API lines run at once, at background priority")
+    p.add_argument("--max-file-bytes", type=int, default=lim.max_file_bytes, help="largest upload to /v1/files")
 
 
 def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
     lim = ServeLimits(max_body_bytes=args.max_body_bytes, max_image_bytes=args.max_image_bytes,
                       max_image_pixels=args.max_image_pixels, max_tokens=args.max_tokens_limit,
-                      max_concurrent=args.max_concurrent)
+                      max_concurrent=args.max_concurrent, max_file_bytes=args.max_file_bytes)
     aliases: dict[str, str | None] = {"gpt-4o-mini": None}
     aliases.update(dict(args.alias))
     return ServeConfig(models=args.models or [None], aliases=aliases, host=args.host, port=args.port,
@@ -96,4 +101,5 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
                        prefill_chunk=args.prefill_chunk, compile_decode=args.compile_decode, limits=lim,
                        prefix_cache_tokens=0 if args.no_prefix_cache else args.prefix_cache_tokens,
                        cors_origins=args.cors_origins, allow_remote_images=args.allow_remote_images,
-                       log_level=args.log_level, state_dir=args.state_dir)
+                       log_level=args.log_level, state_dir=args.state_dir,
+                       batch_concurrency=args.batch_concurrency)

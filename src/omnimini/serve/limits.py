@@ -19,6 +19,8 @@ class ServeLimits:
     max_tokens: int = 4096
     max_n: int = 8
     max_concurrent: int = 64  # generation requests in flight; more get 429
+    max_file_bytes: int = 100 * 1024 * 1024  # one upload to /v1/files (a batch input file)
+    max_batch_lines: int = 50_000
     retry_after_s: int = 1
 
 
@@ -40,17 +42,19 @@ class ConcurrencyLimiter:
 
 
 class BodySizeLimit:
-    """Refuse request bodies above `limit` bytes (413) without reading them into memory first."""
+    """Refuse request bodies above `limit` bytes (413) without reading them into memory first; `paths` gives
+    some routes their own limit (file uploads)."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, paths: dict[str, int] | None = None):
+        self.app, self.default, self.paths = app, limit, paths or {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.paths.get(scope.get("path", ""), self.default)
         for k, v in scope.get("headers", []):
-            if k == b"content-length" and v.isdigit() and int(v) > self.limit:
-                return await self._refuse(send)
+            if k == b"content-length" and v.isdigit() and int(v) > limit:
+                return await self._refuse(send, limit)
         seen = 0
 
         async def counting_receive():
@@ -58,17 +62,18 @@ class BodySizeLimit:
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge(413, f"Request body exceeds the {self.limit}-byte limit.")
+                if seen > limit:
+                    raise _TooLarge(413, f"Request body exceeds the {limit}-byte limit.")
             return msg
 
         try:
             await self.app(scope, counting_receive, send)
         except _TooLarge:
-            await self._refuse(send)
+            await self._refuse(send, limit)
 
-    async def _refuse(self, send):
-        body = json.dumps(error_body(f"Request body exceeds the {self.limit}-byte limit.")).encode()
+    @staticmethod
+    async def _refuse(send, limit: int):
+        body = json.dumps(error_body(f"Request body exceeds the {limit}-byte limit.")).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})

@@ -16,6 +16,8 @@ class EngineCollector:
 
     def collect(self):
         req = CounterMetricFamily("omnimini_requests", "Generation requests received", labels=["model"])
+        bg = CounterMetricFamily("omnimini_background_requests", "Requests run at background priority (batches)",
+                                 labels=["model"])
         fin = CounterMetricFamily("omnimini_requests_finished", "Requests finished", labels=["model", "reason"])
         ptok = CounterMetricFamily("omnimini_prompt_tokens", "Prompt tokens received", labels=["model"])
         ctok = CounterMetricFamily("omnimini_prompt_tokens_cached", "Prompt tokens served from the prefix cache",
@@ -32,6 +34,7 @@ class EngineCollector:
         for mid, served in self.models.models.items():
             st = served.engine.stats
             req.add_metric([mid], st.requests_total)
+            bg.add_metric([mid], st.background_requests_total)
             for reason, n in dict(st.requests_finished).items():
                 fin.add_metric([mid, reason], n)
             ptok.add_metric([mid], st.prompt_tokens_total)
@@ -47,7 +50,7 @@ class EngineCollector:
             buckets = [(str(b), c) for b, c in zip(TTFT_BUCKETS, st.ttft_buckets, strict=True)]
             buckets.append(("+Inf", st.ttft_count))
             ttft.add_metric([mid], buckets, st.ttft_sum)
-        yield from (req, fin, ptok, ctok, gtok, wait, run, ttft, pblk, pev)
+        yield from (req, bg, fin, ptok, ctok, gtok, wait, run, ttft, pblk, pev)
 
 
 class Metrics:

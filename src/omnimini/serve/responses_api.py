@@ -137,6 +137,12 @@ class ResponsesRequest(_Model):
     background: bool | None = None
     conversation: Any = None
     truncation: Literal["auto", "disabled"] | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    include: list[str] | None = None
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return "message.output_text.logprobs" in (self.include or [])
 
     def check_supported(self) -> None:
         if self.background:
@@ -247,7 +253,9 @@ PARAM_NAMES = {"messages": "input", "max_tokens": "max_output_tokens", "response
 def to_chat_request(body: ResponsesRequest, messages: list[dict]) -> ChatCompletionRequest:
     chat: dict[str, Any] = {"model": body.model, "messages": messages, "temperature": body.temperature,
                             "top_p": body.top_p, "seed": body.seed, "max_completion_tokens": body.max_output_tokens,
-                            "parallel_tool_calls": body.parallel_tool_calls is not False}
+                            "parallel_tool_calls": body.parallel_tool_calls is not False,
+                            "logprobs": body.wants_logprobs,
+                            "top_logprobs": body.top_logprobs if body.wants_logprobs else None}
     if body.tools:
         chat["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
                          for t in body.tools]
@@ -279,13 +287,19 @@ def rename_param(e: APIError) -> APIError:
 
 # ---- output -------------------------------------------------------------------------------------------------
 
-def message_item(text: str, status: str = "completed", mid: str | None = None) -> dict:
+def message_item(text: str, status: str = "completed", mid: str | None = None, logprobs: list | None = None) -> dict:
     return {"id": mid or item_id("msg"), "type": "message", "role": "assistant", "status": status,
-            "content": [output_text(text)]}
+            "content": [output_text(text, logprobs)]}
 
 
-def output_text(text: str) -> dict:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def output_text(text: str, logprobs: list | None = None) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
+
+
+def text_logprobs(entries) -> list[dict]:
+    """Engine TokenLogprob list -> `output_text.logprobs` (token, bytes, logprob, top_logprobs)."""
+    return [{"token": e.token, "bytes": e.bytes, "logprob": e.logprob,
+             "top_logprobs": [{"token": t, "bytes": b, "logprob": lp} for _, t, lp, b in e.top]} for e in entries]
 
 
 def call_item(call, status: str = "completed", fid: str | None = None) -> dict:
@@ -297,7 +311,9 @@ def output_items(choice: Choice) -> list[dict]:
     status = "incomplete" if choice.finish_reason == "length" else "completed"
     items = []
     if choice.content or not choice.calls:
-        items.append(message_item(choice.content or "", status))
+        # token logprobs belong to the text when it is the whole reply (no call markers cut out of it)
+        lps = text_logprobs(choice.logprobs) if not choice.calls else None
+        items.append(message_item(choice.content or "", status, logprobs=lps))
     items += [call_item(c) for c in choice.calls]
     return items
 
@@ -326,7 +342,7 @@ def response_object(rid: str, created_at: float, body: ResponsesRequest, status:
         "text": {"format": fmt}, "previous_response_id": body.previous_response_id,
         "store": body.store is not False, "metadata": body.metadata or {}, "user": body.user,
         "background": False, "truncation": body.truncation or "disabled", "service_tier": "default",
-        "reasoning": {"effort": None, "summary": None},
+        "reasoning": {"effort": None, "summary": None}, "top_logprobs": body.top_logprobs,
     }
 
 

@@ -123,7 +123,7 @@ class _Turn:
         ev = R.EventStream()
         start = R.response_object(self.id, self.created, self.body, "in_progress", [])
         output: list[dict] = []
-        msg, text = None, []
+        msg, text, lps = None, [], []
         try:
             yield ev.event("response.created", response=start)
             yield ev.event("response.in_progress", response=start)
@@ -132,7 +132,9 @@ class _Turn:
                 if p.finish_reason is not None:
                     end = p
                     continue
-                if not p.text:
+                lp = R.text_logprobs(p.logprobs)
+                lps += lp
+                if not p.text:  # held back (a possible tool-call marker): its logprobs come with the done event
                     continue
                 if msg is None:
                     msg = R.message_item("", "in_progress")
@@ -140,7 +142,7 @@ class _Turn:
                         yield e
                 text.append(p.text)
                 yield ev.event("response.output_text.delta", item_id=msg["id"], output_index=0, content_index=0,
-                               delta=p.text, logprobs=[])
+                               delta=p.text, logprobs=lp)
             status = "incomplete" if end.finish_reason == "length" else "completed"
             if msg is None and not end.calls:  # an empty reply is still a message
                 msg = R.message_item("", "in_progress")
@@ -148,12 +150,13 @@ class _Turn:
                     yield e
             if msg is not None:
                 full = "".join(text)
-                part = R.output_text(full)
+                lps = lps if not end.calls else []
+                part = R.output_text(full, lps)
                 yield ev.event("response.output_text.done", item_id=msg["id"], output_index=0, content_index=0,
-                               text=full, logprobs=[])
+                               text=full, logprobs=lps)
                 yield ev.event("response.content_part.done", item_id=msg["id"], output_index=0, content_index=0,
                                part=part)
-                done = R.message_item(full, status, msg["id"])
+                done = R.message_item(full, status, msg["id"], lps)
                 yield ev.event("response.output_item.done", output_index=0, item=done)
                 output.append(done)
             for call in end.calls:

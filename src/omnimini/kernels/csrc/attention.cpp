@@ -7,11 +7,13 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
 
+#include "pool.h"
+
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -81,7 +83,10 @@ at::Tensor attn_decode(const at::Tensor& qkv, at::Tensor k_cache, at::Tensor v_c
   at::Tensor out = at::zeros({B, H * D}, qkv.options());
   float* op = out.data_ptr<float>();
   const float scale = scale_arg > 0 ? static_cast<float>(scale_arg) : 1.0f / std::sqrt(static_cast<float>(D));
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  int64_t keys_read = 0;  // threads only when there is enough to read (long contexts, several sequences)
+  for (int64_t b = 0; b < B; ++b) keys_read += std::min<int64_t>(pos[b] + 1, window > 0 ? window : L);
+  const int64_t grain = keys_read * H * D < (1 << 17) ? B * H : 1;
+  omnimini::parallel_range(B * H, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> qr(D), p;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / H, h = t % H, g = h / G;

@@ -5,11 +5,13 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
 
+#include "pool.h"
+
+#include <algorithm>
 #include <cmath>
 
 namespace {
@@ -24,7 +26,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   const float* xp = xc.data_ptr<float>();
   const float* wp = wc.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+  omnimini::parallel_range(M, 16, [&](int64_t b, int64_t e) {
     for (int64_t m = b; m < e; ++m) {
       const float* r = xp + m * N;
       __m256 acc = _mm256_setzero_ps();
@@ -54,7 +56,7 @@ at::Tensor silu_mul(const at::Tensor& gu) {
   at::Tensor out = at::empty({M, I}, g.options());
   const float* gp = g.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, M * I, 4096, [&](int64_t b, int64_t e) {
+  omnimini::parallel_range(M * I, 16384, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const int64_t m = t / I, i = t % I;
       const float a = gp[m * 2 * I + i];

@@ -13,11 +13,13 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
 
+#include "pool.h"
+
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -140,8 +142,10 @@ template <int F>
 void matmul(const uint8_t* W, int64_t row_bytes, int64_t N, const Acts& a, int64_t M, float* out) {
   // rows in chunks small enough that a chunk's weights stay in L1/L2 while every activation tile passes by
   constexpr int64_t CHUNK = 16;
-  const int64_t grain = M == 1 ? 64 : CHUNK;
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+  // a few hundred KB of weights per piece: smaller ops are not worth waking a thread for
+  const int64_t per_row = row_bytes * (1 + M / 4);
+  const int64_t grain = std::max<int64_t>(CHUNK, ((256 << 10) / std::max<int64_t>(per_row, 1) + CHUNK - 1) / CHUNK * CHUNK);
+  omnimini::parallel_range(N, grain, [&](int64_t begin, int64_t end) {
     for (int64_t n0 = begin; n0 < end; n0 += CHUNK) {
       const int64_t n1 = std::min(n0 + CHUNK, end);
       int64_t m = 0;
@@ -185,7 +189,7 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t fmt, int64_
   int8_t* qp = q.data_ptr<int8_t>();
   float* dp = ds.data_ptr<float>();
   float* sp = dp + M * nb;
-  at::parallel_for(0, M, 8, [&](int64_t b, int64_t e) {
+  omnimini::parallel_range(M, 16, [&](int64_t b, int64_t e) {
     for (int64_t m = b; m < e; ++m) quantize_row(xp + m * K, nb, qp + m * K, dp + m * nb, sp + m * nb);
   });
   const Acts a{qp, dp, sp, nb};

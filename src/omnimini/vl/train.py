@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import sys
@@ -34,6 +33,7 @@ from omnimini.data.scenes.shapes import Shape, ShapesFamily, describe_shapes, ge
 from omnimini.data.scenes.tasks import TRAIN_SEEDS
 from omnimini.data.scenes.world import generate_scene, render
 from omnimini.images import to_pixels
+from omnimini.train.optim import lr_factor
 from omnimini.vl import spec
 from omnimini.vl.targets import WORDS, DenseHeads, dense_targets, scene_objects, shapes_objects
 
@@ -177,9 +177,10 @@ def shared_prefix(ids: torch.Tensor, stop: int) -> int:
     return min(n, int(first_image[0]) if len(first_image) else n)
 
 
-def lm_loss_per_sample(model, batch: dict, prefix_kv: PrefixKV | None = None) -> torch.Tensor:
-    """Mean answer-token NLL of each sample, averaged over samples: a one-word answer weighs as much as a
-    caption. Logits are computed at answer positions only (the vocabulary head is a quarter of the LM's cost)."""
+def lm_loss_per_sample(model, batch: dict, prefix_kv: PrefixKV | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean answer-token NLL of each sample averaged over samples, the image tokens): a one-word answer weighs as
+    much as a caption. Logits are computed at answer positions only (the vocabulary head is a quarter of the
+    LM's cost)."""
     labels, ids = batch["labels"], batch["input_ids"]
     where = labels != -100
     image_embeds = model.encode_images(batch["pixels"])
@@ -221,10 +222,7 @@ def load_vl_state(model, st: dict) -> None:
 
 
 def _lr(step: int, cfg: StageConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    p = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+    return cfg.lr * lr_factor(step, cfg.warmup, cfg.steps, min_ratio=0.1)  # the trainer's warmup + cosine
 
 
 def _save(path: Path, state: dict) -> None:
@@ -290,6 +288,16 @@ def run_stage(name: str, cfg: StageConfig, model, heads: DenseHeads, out: Path, 
     return metrics
 
 
+def fresh_vl_model():
+    """(omnimini-vl with freshly initialised vision weights, its tokenizer), from the text model alone."""
+    from omnimini.weights.convert import load_any
+    from omnimini.weights.default import TEXT_MODEL_NAME
+
+    text_model, text_tok = load_any(TEXT_MODEL_NAME)  # the LM alone, whatever vision file is shipped
+    tok = spec.vl_tokenizer(text_tok)
+    return spec.attach_vision(text_model, tok), tok
+
+
 def word_embeddings(model, tok) -> torch.Tensor:
     """The LM's input embedding of each of WORDS (as it follows a space: the form used mid-sentence)."""
     ids = [tok.encode(" " + w)[0] for w in WORDS]
@@ -299,15 +307,10 @@ def word_embeddings(model, tok) -> torch.Tensor:
 def build(out: Path, warmup: StageConfig = WARMUP, align: StageConfig = ALIGN, threads: int = 2,
           vision_file: Path | None = None, expert: StageConfig = EXPERT) -> dict:
     """Both stages from the default text model; writes out/omnimini-vl-vision.safetensors (and vision_file)."""
-    from omnimini.weights.convert import load_any
-    from omnimini.weights.default import TEXT_MODEL_NAME
-
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     out.mkdir(parents=True, exist_ok=True)
-    text_model, text_tok = load_any(TEXT_MODEL_NAME)  # the LM alone, whatever is shipped
-    tok = spec.vl_tokenizer(text_tok)
-    model = spec.attach_vision(text_model, tok)
+    model, tok = fresh_vl_model()
     for p in model.parameters():
         p.requires_grad_(False)
     for p in vl_parameters(model, adapters=True):
@@ -333,14 +336,10 @@ def build(out: Path, warmup: StageConfig = WARMUP, align: StageConfig = ALIGN, t
 
 def export(out: Path, target: Path) -> Path:
     """Write the vision file from the newest stage checkpoint in `out` (align, else warmup), e.g. mid-run."""
-    from omnimini.weights.convert import load_any
-    from omnimini.weights.default import TEXT_MODEL_NAME
-
     ckpt = next((out / f"{s}.pt" for s in reversed(STAGES) if (out / f"{s}.pt").exists()), None)
     if ckpt is None:
         raise FileNotFoundError(f"{out}: no stage checkpoint ({', '.join(STAGES)}) to export")
-    text_model, text_tok = load_any(TEXT_MODEL_NAME)
-    model = spec.attach_vision(text_model, spec.vl_tokenizer(text_tok))
+    model, _ = fresh_vl_model()
     st = torch.load(ckpt, weights_only=False)
     load_vl_state(model, st)
     spec.write_vision_file(model, target)

@@ -14,6 +14,8 @@ from PIL import Image
 
 transformers = pytest.importorskip("transformers")
 
+from test_weights_hf import byte_tokenizer, write_tokenizer  # noqa: E402
+
 from omnimini.config import ConfigError, ModelConfig, VisionConfig  # noqa: E402
 from omnimini.engine.generate import GenRequest, generate  # noqa: E402
 from omnimini.engine.sampling import SamplingParams  # noqa: E402
@@ -44,16 +46,8 @@ def _images():
 
 
 def _write_tokenizer(d):
-    import tokenizers
-    from tokenizers import decoders, models, pre_tokenizers
-
-    from omnimini.tokenizer import BYTE_TO_CHAR
-
-    tok = tokenizers.Tokenizer(models.BPE(vocab={BYTE_TO_CHAR[b]: b for b in range(256)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
     fillers = [f"<|x{i}|>" for i in range(IMAGE_TOKEN - 256 - len(SPECIALS))]
-    tok.add_special_tokens(SPECIALS + fillers + ["<image>"])
+    tok = byte_tokenizer(SPECIALS + fillers + ["<image>"])
     assert tok.token_to_id("<image>") == IMAGE_TOKEN
     tok.save(str(d / "tokenizer.json"))
     (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<end_of_utterance>", "pad_token": "</s>",
@@ -189,8 +183,6 @@ def test_missing_preprocessor_config_and_framing_tokens_are_named(idefics3, tmp_
     with pytest.raises(CheckpointError, match="missing preprocessor_config.json"):
         load_hf(tmp_path)
     shutil.copy(d / "preprocessor_config.json", tmp_path)
-    from test_weights_hf import write_tokenizer
-
     write_tokenizer(tmp_path, VOCAB)  # a vocabulary without <fake_token_around_image> and friends
     with pytest.raises(CheckpointError, match="lacks <fake_token_around_image>, <global-img>, <row_1_col_1>"):
         load_hf(tmp_path)
@@ -228,3 +220,33 @@ def test_served_with_an_image_through_the_openai_client(idefics3):
         gen = ref.generate(**want, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0,
                            suppress_tokens=[IMAGE_TOKEN])[0, want.input_ids.shape[1]:]
     assert out.choices[0].message.content == Tokenizer.from_dir(d).decode(gen.tolist())
+
+
+@pytest.mark.slow
+def test_smolvlm_matches_transformers(tmp_path):
+    """SmolVLM is Idefics3's layout under its own names (smolvlm / smolvlm_vision): same pixels, same logits."""
+    T = transformers
+    torch.set_num_threads(1)
+    vision = T.SmolVLMVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   image_size=TILE, patch_size=PATCH)
+    text = T.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.15)
+    torch.manual_seed(0)
+    ref = T.SmolVLMForConditionalGeneration(T.SmolVLMConfig(vision_config=vision, text_config=text,
+                                                            image_token_id=IMAGE_TOKEN)).eval()
+    ref.save_pretrained(tmp_path)
+    _write_tokenizer(tmp_path)
+    ip = T.models.smolvlm.image_processing_pil_smolvlm.SmolVLMImageProcessorPil(
+        size={"longest_edge": 2 * TILE}, max_image_size={"longest_edge": TILE})
+    ip.save_pretrained(tmp_path)
+    model, tok = load_hf(tmp_path)
+    assert model.config.arch == "smolvlm"
+    img = _images()[0]
+    ids, pixels = encode_messages(model, tok, [{"role": "user", "content": [{"type": "image", "image": img},
+                                                                            {"type": "text", "text": "Hi"}]}])
+    want = ip([img], return_tensors="pt").pixel_values
+    torch.testing.assert_close(pixels, want[0], atol=1e-5, rtol=0)
+    with torch.no_grad():
+        theirs = ref(input_ids=torch.tensor([ids]), pixel_values=want).logits
+        ours = model(torch.tensor([ids]), pixels=pixels).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)

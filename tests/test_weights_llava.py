@@ -9,7 +9,7 @@ from PIL import Image
 
 transformers = pytest.importorskip("transformers")
 
-from test_weights_hf import write_tokenizer  # noqa: E402
+from test_weights_hf import byte_tokenizer, write_tokenizer  # noqa: E402
 
 from omnimini.engine.generate import GenRequest, generate  # noqa: E402
 from omnimini.engine.sampling import SamplingParams  # noqa: E402
@@ -106,15 +106,7 @@ def _llava_tokenizer(d):
     """Bytes, then fillers, with <image> at the model's image token id and the template above."""
     import json
 
-    import tokenizers
-    from tokenizers import decoders, models, pre_tokenizers
-
-    from omnimini.tokenizer import BYTE_TO_CHAR
-
-    tok = tokenizers.Tokenizer(models.BPE(vocab={BYTE_TO_CHAR[b]: b for b in range(256)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["</s>"] + [f"<|x{i}|>" for i in range(IMAGE_TOKEN - 257)] + ["<image>"])
+    tok = byte_tokenizer(["</s>"] + [f"<|x{i}|>" for i in range(IMAGE_TOKEN - 257)] + ["<image>"])
     tok.save(str(d / "tokenizer.json"))
     (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "chat_template": LLAVA_TEMPLATE}))
 

@@ -176,12 +176,10 @@ def test_linear_projector_and_tile_options():
 
 
 def test_missing_preprocessor_config_and_framing_tokens_are_named(idefics3, tmp_path):
+    from test_weights_llava import assert_needs_preprocessor
+
     _, d, _ = idefics3
-    for f in d.iterdir():
-        if f.name != "preprocessor_config.json":
-            shutil.copy(f, tmp_path / f.name)
-    with pytest.raises(CheckpointError, match="missing preprocessor_config.json"):
-        load_hf(tmp_path)
+    assert_needs_preprocessor(d, tmp_path)
     shutil.copy(d / "preprocessor_config.json", tmp_path)
     write_tokenizer(tmp_path, VOCAB)  # a vocabulary without <fake_token_around_image> and friends
     with pytest.raises(CheckpointError, match="lacks <fake_token_around_image>, <global-img>, <row_1_col_1>"):
@@ -197,22 +195,15 @@ def test_served_with_an_image_through_the_openai_client(idefics3):
     """`omnimini serve --model idefics3_dir`: the image becomes its tiles' framed tokens, the answer is
     transformers' greedy answer to the processor's prompt and pixels."""
     openai = pytest.importorskip("openai")
-    from test_server import LiveServer, free_port, png_url
+    from test_server import png_url
+    from test_weights_llava import ask_served
 
     from omnimini.images import decode_data_url
-    from omnimini.serve.config import ServeConfig
     from omnimini.tokenizer import Tokenizer
 
     ref, d, processor = idefics3
     url = png_url(40, 30, (200, 30, 30))
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                             {"type": "text", "text": "What colour?"}]}]
-    srv = LiveServer(ServeConfig(models=[str(d)], port=free_port(), quantize="none", max_batch=2, max_context=256))
-    try:
-        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=120)
-        out = client.chat.completions.create(model="gpt-4o-mini", messages=messages, max_tokens=8, temperature=0)
-    finally:
-        srv.stop()
+    out = ask_served(openai, d, url, "What colour?", max_context=256)
     prompt = processor.apply_chat_template(_messages("What colour?"), add_generation_prompt=True)
     want = processor(text=[prompt], images=[[decode_data_url(url)]], return_tensors="pt")
     assert out.usage.prompt_tokens == want.input_ids.shape[1]

@@ -7,6 +7,8 @@ vocabulary is the byte-level one of test_weights_gguf (3 ChatML specials + 256 b
 
 from __future__ import annotations
 
+import re
+
 import gguf
 import numpy as np
 
@@ -123,6 +125,66 @@ def write_gguf_from_hf(path, model, qtype=None, tokenizer_fn=byte_level_tokenize
             w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(name, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+# CLIP tower tensors (below vision_model.) -> llama.cpp mmproj names; fc1 / fc2 as the legacy converter
+# (convert_image_encoder_to_gguf.py, which wrote the LLaVA mmproj files in circulation) or gguf-py's table names them
+_CLIP = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+         "self_attn.out_proj": "attn_out", "layer_norm1": "ln1", "layer_norm2": "ln2"}
+
+
+def write_mmproj_from_llava(path, llava, legacy=True, feature_layer_key=True, patch_size=None, drop_out_rows=0):
+    """A transformers LLaVA's CLIP tower + projector as a llama.cpp mmproj GGUF (architecture "clip").
+    patch_size / drop_out_rows: a deliberately mismatched file (metadata patch size, projector output width)."""
+    c = llava.config
+    v = c.vision_config
+    w = gguf.GGUFWriter(str(path), "clip")
+    w.add_bool("clip.has_text_encoder", False)
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_bool("clip.has_llava_projector", True)
+    w.add_string("clip.projector_type", "mlp")
+    w.add_uint32("clip.vision.image_size", v.image_size)
+    w.add_uint32("clip.vision.patch_size", patch_size or v.patch_size)
+    w.add_uint32("clip.vision.embedding_length", v.hidden_size)
+    w.add_uint32("clip.vision.feed_forward_length", v.intermediate_size)
+    w.add_uint32("clip.vision.projection_dim", 0)
+    w.add_uint32("clip.vision.attention.head_count", v.num_attention_heads)
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", v.layer_norm_eps)
+    w.add_uint32("clip.vision.block_count", v.num_hidden_layers)
+    if feature_layer_key:  # hidden-state index, as the converter writes LLaVA's -2
+        w.add_array("clip.vision.feature_layer", [v.num_hidden_layers + 1 + c.vision_feature_layer])
+    w.add_array("clip.vision.image_mean", [0.48145466, 0.4578275, 0.40821073])
+    w.add_array("clip.vision.image_std", [0.26862954, 0.26130258, 0.27577711])
+    w.add_bool("clip.use_gelu", v.hidden_act == "gelu")
+    fc = {"mlp.fc1": "ffn_down", "mlp.fc2": "ffn_up"} if legacy else {"mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down"}
+    for name, t in llava.state_dict().items():
+        a = t.detach().float().numpy()
+        if "multi_modal_projector." in name:
+            layer, kind = name.rsplit(".", 2)[-2:]
+            if layer == "linear_2" and drop_out_rows:
+                a = a[:-drop_out_rows]
+            w.add_tensor(f"mm.{0 if layer == 'linear_1' else 2}.{kind}", np.ascontiguousarray(a))
+            continue
+        m = re.match(r"(?:model\.)?vision_tower\.(?:vision_model\.)?(.+)$", name)
+        if m is None:
+            continue  # the language model: model.gguf
+        name = m[1]
+        if name.startswith("encoder.layers."):
+            _, _, i, rest = name.split(".", 3)
+            base, kind = rest.rsplit(".", 1)
+            out = f"v.blk.{i}.{_CLIP.get(base) or fc[base]}.{kind}"
+        elif name.startswith("post_layernorm."):
+            continue  # as the converter does for LLaVA, which reads a layer before it
+        else:
+            out = {"embeddings.class_embedding": "v.class_embd", "embeddings.patch_embedding.weight":
+                   "v.patch_embd.weight", "embeddings.position_embedding.weight": "v.position_embd.weight",
+                   "pre_layrnorm.weight": "v.pre_ln.weight", "pre_layrnorm.bias": "v.pre_ln.bias"}[name]
+        w.add_tensor(out, np.ascontiguousarray(a))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

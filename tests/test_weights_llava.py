@@ -138,8 +138,9 @@ def test_served_with_an_image_through_the_openai_client(llava):
     assert out.choices[0].message.content == tok.decode(want.tolist())
 
 
-def ask_served(openai, d, url, text, max_context):
-    """`omnimini serve --model d` on 127.0.0.1, asked through the openai client about one image (8 greedy tokens)."""
+def ask_served(openai, d, url, text, max_context, **serve):
+    """`omnimini serve --model d` on 127.0.0.1, asked through the openai client about one image (8 greedy tokens);
+    serve: more ServeConfig fields."""
     from test_server import LiveServer, free_port
 
     from omnimini.serve.config import ServeConfig
@@ -147,7 +148,7 @@ def ask_served(openai, d, url, text, max_context):
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                              {"type": "text", "text": text}]}]
     srv = LiveServer(ServeConfig(models=[str(d)], port=free_port(), quantize="none", max_batch=2,
-                                 max_context=max_context))
+                                 max_context=max_context, **serve))
     try:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=120)
         return client.chat.completions.create(model="gpt-4o-mini", messages=messages, max_tokens=8, temperature=0)

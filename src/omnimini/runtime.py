@@ -17,8 +17,9 @@ def resolve_quantize(quantize: str, from_gguf: bool) -> str:
     return "q8_0" if from_gguf and kernels.available() else "fp16"
 
 
-def load_for_inference(spec: str | None, quantize: str = "none", device: str = "cpu"):
-    """(model, tokenizer) from an omnimini dir, HF dir, .gguf file or model name; None -> the default model."""
+def load_for_inference(spec: str | None, quantize: str = "none", device: str = "cpu", mmproj: str | None = None):
+    """(model, tokenizer) from an omnimini dir, HF dir, .gguf file or model name; None -> the default model.
+    mmproj: a llama.cpp vision projector file for a GGUF language model (weights/gguf_mmproj.py)."""
     from omnimini.engine.quant import BLOCK_MODES
     from omnimini.weights.convert import load_any
 
@@ -40,6 +41,10 @@ def load_for_inference(spec: str | None, quantize: str = "none", device: str = "
         from omnimini.engine.smooth import CALIBRATION_TEXT
 
         model = quantize_model(model, quantize, calib_ids=tok.encode(CALIBRATION_TEXT), native=native)
+    if mmproj is not None:  # after quantizing: the tower stays float32 (quantize_model knows no tower)
+        from omnimini.weights.gguf_mmproj import attach_mmproj
+
+        attach_mmproj(model, tok, mmproj)
     return model, tok
 
 

@@ -71,7 +71,7 @@ def build_app(config: ServeConfig, registry: ModelRegistry | None = None) -> Fas
     except StoreError as e:
         raise ValueError(f"--state-dir: {e}") from None
     registry = registry or load_registry(
-        config.models, config.aliases, config.quantize, max_batch=config.max_batch,
+        config.models, config.aliases, config.quantize, config.mmproj, max_batch=config.max_batch,
         max_context=config.max_context, kv_budget_tokens=config.kv_budget_tokens, prefill_chunk=config.prefill_chunk,
         compile_decode=config.compile_decode, prefix_cache_tokens=config.prefix_cache_tokens)
     limiter = ConcurrencyLimiter(config.limits.max_concurrent, config.limits.retry_after_s)

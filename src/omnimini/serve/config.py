@@ -21,6 +21,7 @@ class ServeConfig:
     port: int = 8000
     api_keys: list[str] = field(default_factory=list)
     quantize: str = "auto"  # a GGUF's own blocks on omnimini's kernels; other sources fbgemm fp16 (runtime.py)
+    mmproj: str | None = None  # llama.cpp vision projector GGUF for the (one) model served
     max_batch: int = 16
     max_context: int | None = 2048  # per-sequence KV rows (allocated up front for every slot); capped by the model
     kv_budget_tokens: int | None = None
@@ -61,6 +62,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", default=d.quantize, choices=QUANTIZE_MODES,
                    help="CPU weight format: auto (default: a GGUF keeps its own Q8_0/Q4_0/Q4_1 blocks on "
                         "omnimini's kernels, other models fp16), q8_0|q4_0|q4_1 (block formats), fp16, int8, none")
+    p.add_argument("--mmproj", default=None, metavar="MMPROJ_GGUF",
+                   help="llama.cpp vision projector file (CLIP tower + LLaVA MLP) for the GGUF --model: images "
+                        "through Chat Completions")
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="sequences decoded together")
     p.add_argument("--max-context", type=int, default=d.max_context, help="max tokens per sequence (KV rows)")
     p.add_argument("--kv-budget-tokens", type=int, default=None, help="KV tokens reserved at once (queue beyond)")
@@ -96,7 +100,7 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
     aliases: dict[str, str | None] = {"gpt-4o-mini": None}
     aliases.update(dict(args.alias))
     return ServeConfig(models=args.models or [None], aliases=aliases, host=args.host, port=args.port,
-                       api_keys=args.api_keys, quantize=args.quantize, max_batch=args.max_batch,
+                       api_keys=args.api_keys, quantize=args.quantize, mmproj=args.mmproj, max_batch=args.max_batch,
                        max_context=args.max_context, kv_budget_tokens=args.kv_budget_tokens,
                        prefill_chunk=args.prefill_chunk, compile_decode=args.compile_decode, limits=lim,
                        prefix_cache_tokens=0 if args.no_prefix_cache else args.prefix_cache_tokens,

@@ -73,17 +73,21 @@ class ModelRegistry:
             m.engine.shutdown(wait=wait, timeout=timeout)
 
 
-def load_registry(specs: list, aliases: dict[str, str | None], quantize: str = "none", **engine_kw) -> ModelRegistry:
-    """Load every model spec (path, name, None for the default model, or a ready (id, model, tokenizer))."""
+def load_registry(specs: list, aliases: dict[str, str | None], quantize: str = "none", mmproj: str | None = None,
+                  **engine_kw) -> ModelRegistry:
+    """Load every model spec (path, name, None for the default model, or a ready (id, model, tokenizer)).
+    mmproj: a llama.cpp vision projector file for the one model served."""
     from omnimini.runtime import load_for_inference
 
+    if mmproj is not None and len(specs or [None]) != 1:
+        raise ValueError(f"--mmproj {mmproj}: give exactly one --model (the language model it belongs to)")
     reg = ModelRegistry()
     for spec in specs or [None]:
         if isinstance(spec, tuple):
             mid, model, tok = spec
             reg.add(mid, model, tok, source="in-memory", **engine_kw)
             continue
-        model, tok = load_for_inference(spec, quantize=quantize)
+        model, tok = load_for_inference(spec, quantize=quantize, mmproj=mmproj)
         mid = model_id_for(spec) if spec is not None else _default_id(model)
         log.info("loaded %s as %s", spec or "the default model", mid)
         reg.add(mid, model, tok, source=str(spec), **engine_kw)

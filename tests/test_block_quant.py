@@ -49,8 +49,9 @@ def test_quantized_model_decodes_like_its_full_forward(mode):
 @pytest.mark.parametrize("window", [False, True])
 def test_fp16_kv_cache_logits_near_fp32_cache(window):
     """attn_decode on a float16 cache vs a float32 cache, and prefill (SDPA) reading the float16 cache back: the
-    prompt in two chunks, the second attending to the first's float16 keys/values through PyTorch. Bound: 2e-3 of
-    the largest logit (keys/values rounded to float16, relative 2^-11; measured ~1e-4)."""
+    prompt in two chunks, the second attending to the first's float16 keys/values through PyTorch. Bound: 2 % of
+    the largest logit (keys/values rounded to float16, relative 2^-11, plus the int8 rounding flips it causes;
+    measured 0.59 % with and without a window)."""
     extra = dict(sliding_window=4, layer_types=["sliding", "full"]) if window else {}
     m = quantize_model(_model(**extra), "q4_1")
     assert m.kv_cache_dtype("auto") == torch.float16 and m.kv_cache_dtype("fp32") == torch.float32
@@ -69,8 +70,10 @@ def test_fp16_kv_cache_logits_near_fp32_cache(window):
             runs[dtype] = torch.cat([first, second, *steps], 1)
         full = m(ids).logits
     a, b = runs[torch.float32], runs[torch.float16]
-    torch.testing.assert_close(a, full, atol=1e-4, rtol=0)
-    assert (a - b).abs().max() <= 2e-3 * a.abs().max()
+    # not 1e-5: a float difference that moves one activation across an int8 rounding step (the next qlinear's
+    # per-32-block quantization) shifts the logits by d_x * |w|, far above float noise
+    assert (a - full).abs().max() <= 0.02 * full.abs().max()
+    assert (a - b).abs().max() <= 0.02 * a.abs().max()
     assert not torch.equal(a[:, 6:], b[:, 6:])  # the float16 cache was really read
 
 

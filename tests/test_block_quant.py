@@ -46,6 +46,56 @@ def test_quantized_model_decodes_like_its_full_forward(mode):
     assert not torch.equal(full, want)
 
 
+@pytest.mark.parametrize("window", [False, True])
+def test_fp16_kv_cache_logits_near_fp32_cache(window):
+    """attn_decode on a float16 cache vs a float32 cache, and prefill (SDPA) reading the float16 cache back: the
+    prompt in two chunks, the second attending to the first's float16 keys/values through PyTorch. Bound: 2 % of
+    the largest logit (keys/values rounded to float16, relative 2^-11, plus the int8 rounding flips it causes;
+    measured 0.59 % with and without a window)."""
+    extra = dict(sliding_window=4, layer_types=["sliding", "full"]) if window else {}
+    m = quantize_model(_model(**extra), "q4_1")
+    assert m.kv_cache_dtype("auto") == torch.float16 and m.kv_cache_dtype("fp32") == torch.float32
+    ids = torch.randint(0, 320, (3, 14), generator=torch.Generator().manual_seed(4))
+    slots = torch.tensor([1, 2, 0])
+    runs = {}
+    with torch.inference_mode():
+        for dtype in (torch.float32, torch.float16):
+            cache = m.new_cache(3, 20, dtype=dtype)
+            assert cache.k[0].dtype == dtype
+            pos = torch.arange(14).expand(3, 14)
+            first = m(ids[:, :3], cache=cache, slots=slots, positions=pos[:, :3]).logits
+            second = m(ids[:, 3:6], cache=cache, slots=slots, positions=pos[:, 3:6]).logits  # reads chunk 1
+            steps = [m(ids[:, t:t + 1], cache=cache, slots=slots, positions=pos[:, t:t + 1]).logits
+                     for t in range(6, 14)]
+            runs[dtype] = torch.cat([first, second, *steps], 1)
+        full = m(ids).logits
+    a, b = runs[torch.float32], runs[torch.float16]
+    # not 1e-5: a float difference that moves one activation across an int8 rounding step (the next qlinear's
+    # per-32-block quantization) shifts the logits by d_x * |w|, far above float noise
+    assert (a - full).abs().max() <= 0.02 * full.abs().max()
+    assert (a - b).abs().max() <= 0.02 * a.abs().max()
+    assert not torch.equal(a[:, 6:], b[:, 6:])  # the float16 cache was really read
+
+
+def test_kv_cache_dtype_choice():
+    ref = _model()
+    assert ref.kv_cache_dtype("auto") == torch.float32  # float model: PyTorch attention, no kernel to read fp16
+    assert ref.kv_cache_dtype("fp16") == torch.float16
+    with pytest.raises(ValueError, match="unknown KV cache kind 'int8'"):
+        ref.kv_cache_dtype("int8")
+    from omnimini.engine.scheduler import Engine
+
+    class Tok:  # the engine reads these attributes only
+        eos_token_ids, pad_token_id, vocab_size = [0], 0, 320
+
+        def all_token_bytes(self):
+            return [b"x"] * 320
+
+    m = quantize_model(_model(), "q8_0")
+    assert Engine(m, Tok(), max_batch=2, max_context=16).cache.k[0].dtype == torch.float16
+    assert Engine(m, Tok(), max_batch=2, max_context=16, kv_cache="fp32").cache.k[0].dtype == torch.float32
+
+
 def test_float_matmul_kept_when_in_features_do_not_fit_blocks():
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=64, hidden_size=48, num_layers=1, num_heads=2, num_kv_heads=2,

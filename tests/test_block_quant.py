@@ -40,7 +40,10 @@ def test_quantized_model_decodes_like_its_full_forward(mode):
         got = [m(ids[:, t:t + 1], cache=cache, slots=slots, positions=torch.full((3, 1), t)).logits[:, 0]
                for t in range(5, 12)]
     assert kernels.available()
-    torch.testing.assert_close(torch.stack(got, 1), full[:, 5:], atol=1e-4, rtol=0)
+    # Not 1e-4: the decode kernel's attention and SDPA differ in the last float bits, which can move one activation
+    # across an int8 rounding step in the next quantized matmul (measured: 0.4 % of the largest logit on one row of
+    # this seed from that token on). A real decode defect (wrong slot, position or mask) is of the logits' own size.
+    torch.testing.assert_close(torch.stack(got, 1), full[:, 5:], atol=0.02 * float(full.abs().max()), rtol=0)
     bound = {"q8_0": 0.03, "q4_0": 0.25, "q4_1": 0.25}[mode]  # of the float model's largest logit
     assert (full - want).abs().max() < bound * want.abs().max()
     assert not torch.equal(full, want)

@@ -38,9 +38,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from omnimini.engine.generate import first_image
 from omnimini.engine.prefix_cache import PrefixCache, block_keys, image_digest
 from omnimini.engine.sampling import SamplingParams, adjust_logits, make_generator, sample_token
 from omnimini.engine.structured import Constraint, GrammarState
+from omnimini.model.model import NO_IMAGE
 
 log = logging.getLogger("omnimini.engine")
 
@@ -180,6 +182,7 @@ class _Req:
         self.cached_tokens = 0  # prompt tokens copied from the prefix cache
         self.block_keys: list[bytes] = []  # chain-hash keys of the prompt's full blocks (prefix cache on)
         self.image_embeds: torch.Tensor | None = None  # [n_placeholders, hidden]
+        self.image_from = NO_IMAGE  # position of the first image placeholder (the image adapters start there)
         self.t_submit = time.monotonic()
         self.t_first: float | None = None
 
@@ -448,6 +451,7 @@ class Engine:
             self._reserved += r.reserve
             self._active[r.id] = r
             if r.req.pixels is not None:
+                r.image_from = first_image(r.prompt, self.model.config.image_token_id)
                 try:
                     r.image_embeds = self.model.encode_images(r.req.pixels).flatten(0, 1)
                 except Exception as e:
@@ -518,7 +522,8 @@ class Engine:
                     embeds.append(r.image_embeds[before: before + inside])
         slots = torch.tensor([r.seqs[0].slot for r, _, _ in batch])
         out = self.model(ids, positions=pos, cache=self.cache, slots=slots,
-                         image_embeds=torch.cat(embeds) if embeds else None, logits_for="last")
+                         image_embeds=torch.cat(embeds) if embeds else None,
+                         image_from=self._image_from([r for r, _, _ in batch]), logits_for="last")
         last = torch.tensor([e - s - 1 for _, s, e in batch])
         h = out.hidden[torch.arange(len(batch)), last]
         logits = self.model.output_head(h[:, None])[:, 0].float()
@@ -568,15 +573,24 @@ class Engine:
         ids = torch.tensor([[s.pending] for s in seqs])
         pos = torch.tensor([[s.cached] for s in seqs])
         slots = torch.tensor([s.slot for s in seqs])
-        if self._fast is not None:
+        image_from = self._image_from([s.req for s in seqs])
+        if self._fast is not None and image_from is None:  # (the compiled step has no image adapters)
             logits = self._fast(ids[:, 0], pos[:, 0], slots).float()
         else:
-            out = self.model(ids, positions=pos, cache=self.cache, slots=slots, logits_for="last")
+            out = self.model(ids, positions=pos, cache=self.cache, slots=slots, image_from=image_from,
+                             logits_for="last")
             logits = out.logits[:, -1].float()
         for i, s in enumerate(seqs):
             s.cached += 1
             if s.finished is None:
                 self._accept(s, logits[i])
+
+    def _image_from(self, reqs: list[_Req]) -> torch.Tensor | None:
+        """Each row's first image position, for a model with image adapters when a row holds an image; else None
+        (text rows compute as the text model does)."""
+        if not self.model.config.image_adapter_dim or all(r.image_from == NO_IMAGE for r in reqs):
+            return None
+        return torch.tensor([r.image_from for r in reqs])
 
     def _accept(self, s: _Seq, logits: torch.Tensor) -> None:
         """Sample the next token of `s` from its logits row, emit text, decide whether it is finished."""

@@ -57,7 +57,7 @@ def vl_tokenizer(text_tok):
                      image_start=IMAGE_START, image_end=IMAGE_END)
 
 
-ADAPTER_DIM = 64  # image-position adapter width per block (model.ImageAdapter): 2.2M parameters over 30 blocks
+ADAPTER_DIM = 128  # image adapter width per block (model.ImageAdapter): 4.4M parameters over 30 blocks
 
 
 def vl_config(text_cfg: ModelConfig, tok) -> ModelConfig:

@@ -276,8 +276,9 @@ class Engine:
         if req.pixels is not None:
             tpi = self.model.config.vision.tokens_per_image if self.model.config.vision else 0
             if n_ph != req.pixels.shape[0] * tpi:
-                raise ValueError(f"prompt has {n_ph} image placeholders; {req.pixels.shape[0]} images need "
-                                 f"{req.pixels.shape[0] * tpi}")
+                # (a family that splits images sends each tile as one tower image)
+                raise ValueError(f"prompt has {n_ph} image placeholders; {req.pixels.shape[0]} images (tiles) "
+                                 f"need {req.pixels.shape[0] * tpi}")
         elif n_ph:
             raise ValueError(f"prompt has {n_ph} image placeholder tokens but no images were given")
         return reserve

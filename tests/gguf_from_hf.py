@@ -58,8 +58,9 @@ def _metadata(w: gguf.GGUFWriter, c, arch: str, vocab_size: int) -> None:
         w.add_expert_used_count(c.num_experts_per_tok)
 
 
-def byte_level_tokenizer(w: gguf.GGUFWriter) -> None:
-    tokens = SPECIALS + [BYTE_TO_CHAR[b] for b in range(256)]
+def byte_level_tokenizer(w: gguf.GGUFWriter, extra_tokens: int = 0, pad: bool = True) -> None:
+    """SmolLM2-style byte-level BPE without merges: 3 ChatML specials, 256 bytes, `extra_tokens` fillers."""
+    tokens = SPECIALS + [BYTE_TO_CHAR[b] for b in range(256)] + [f"<x{i}>" for i in range(extra_tokens)]
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("smollm")
     w.add_token_list(tokens)
@@ -67,7 +68,8 @@ def byte_level_tokenizer(w: gguf.GGUFWriter) -> None:
     w.add_token_merges([])
     w.add_eos_token_id(2)
     w.add_bos_token_id(1)
-    w.add_pad_token_id(0)  # else transformers' GGUF loader takes Phi-3's default pad id, past this vocabulary
+    if pad:  # else transformers' GGUF loader takes Phi-3's default pad id, past this vocabulary
+        w.add_pad_token_id(0)
     w.add_chat_template(TEMPLATE)
 
 

@@ -301,3 +301,25 @@ def test_engine_decode_keeps_the_adapters_on_after_the_image(tok):
             n = len(without) - 1
             out = model(torch.tensor([[without[-1]]]), positions=torch.tensor([[n]]), cache=cache)
     assert without[len(prompt):] != got
+
+
+def test_served_default_is_omnimini_vl_on_the_text_models_own_blocks(text_model):
+    """`omnimini serve`'s default (GGUF blocks, --quantize auto) attaches the shipped vision weights to the same
+    quantized text model: text logits bit-identical to the text model served alone, and it takes images."""
+    from omnimini.runtime import load_for_inference
+    from omnimini.vl.spec import VISION_FILE
+    from omnimini.weights.default import TEXT_MODEL_NAME
+
+    if not VISION_FILE.is_file():
+        pytest.skip("no shipped vision file")
+    vl, vl_tok = load_for_inference(None, "auto")
+    text, text_tok = load_for_inference(TEXT_MODEL_NAME, "auto")
+    assert vl.config.vision is not None and text.config.vision is None
+    ids = torch.tensor([text_tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])])
+    assert vl_tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}]) == ids[0].tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(vl(ids).logits, text(ids).logits, atol=0, rtol=0)
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}]
+        img = torch.tensor([vl_tok.encode_chat(msgs, image_tokens=vl.config.vision.tokens_per_image)])
+        px = torch.nn.functional.interpolate(_full((220, 30, 30))[None], size=vl.config.vision.image_size)
+        assert torch.isfinite(vl(img, pixels=px).logits).all()

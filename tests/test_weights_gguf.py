@@ -7,18 +7,15 @@ import torch
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
+from gguf_from_hf import byte_level_tokenizer  # noqa: E402
 from smollm2_prompts import PROMPTS  # noqa: E402
 
 from omnimini.engine.generate import GenRequest, generate  # noqa: E402
 from omnimini.engine.sampling import SamplingParams  # noqa: E402
-from omnimini.tokenizer import BYTE_TO_CHAR  # noqa: E402, I001
 from omnimini.weights.checkpoint import CheckpointError  # noqa: E402
 from omnimini.weights.gguf_loader import GGUFError, load_gguf, permute_qk, unpermute_qk  # noqa: E402
 
 HEADS, KV = 4, 2
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def tiny_llama(tie=True):
@@ -43,15 +40,7 @@ def write_gguf(path, model, arch="llama", qtype=None, vocab=None, extra_tokens=0
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_vocab_size(vocab or c.vocab_size)
-    tokens = SPECIALS + [BYTE_TO_CHAR[b] for b in range(256)] + [f"<x{i}>" for i in range(extra_tokens)]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
-    w.add_token_list(tokens)
-    w.add_token_types([3] * 3 + [1] * (len(tokens) - 3))
-    w.add_token_merges([])
-    w.add_eos_token_id(2)
-    w.add_bos_token_id(1)
-    w.add_chat_template(TEMPLATE)
+    byte_level_tokenizer(w, extra_tokens, pad=False)
     names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
     sub = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
            "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",

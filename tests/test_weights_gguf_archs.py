@@ -9,10 +9,8 @@ gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
 from gguf_from_hf import write_gguf_from_hf  # noqa: E402
-from test_weights_hf import COMMON, MOE, write_tokenizer  # noqa: E402
+from test_weights_hf import COMMON, MOE, assert_greedy_matches, write_tokenizer  # noqa: E402
 
-from omnimini.engine.generate import GenRequest, generate  # noqa: E402
-from omnimini.engine.sampling import SamplingParams  # noqa: E402
 from omnimini.weights.gguf_loader import GGUFError, load_gguf  # noqa: E402
 from omnimini.weights.hf import load_hf  # noqa: E402
 
@@ -92,14 +90,7 @@ def test_gguf_matches_hf_load_and_transformers(family):
     if name != "gemma3_text":
         return  # greedy decoding of the other families is checked on their HF load, which these logits equal
     # gemma3 as llama.cpp lays it out (a global layer after five sliding ones) has no HF-load twin elsewhere
-    prompts = [ids[i, :n].tolist() for i, n in enumerate(LENGTHS) if i != 1]
-    params = SamplingParams(temperature=0, max_tokens=32)
-    ours = generate(model, [GenRequest(p, params) for p in prompts], eos_ids=[])
-    for p, out in zip(prompts, ours, strict=True):
-        with torch.no_grad():
-            theirs = ref.generate(torch.tensor([p]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                                  pad_token_id=0)
-        assert out == theirs[0, len(p):].tolist()
+    assert_greedy_matches(model, ref, [ids[i, :n].tolist() for i, n in enumerate(LENGTHS) if i != 1])
 
 
 def gguf_arch(name):

@@ -45,18 +45,23 @@ def _configs():
     }
 
 
-def write_tokenizer(d, vocab_limit=None):
-    """A byte-level BPE without merges (256 byte tokens + ChatML markers): small, valid, offline."""
+def byte_tokenizer(specials):
+    """A byte-level BPE without merges: ids 0..255 the bytes, then `specials` in order. Small, valid, offline."""
     import tokenizers
     from tokenizers import decoders, models, pre_tokenizers
 
     from omnimini.tokenizer import BYTE_TO_CHAR
 
-    vocab = {BYTE_TO_CHAR[b]: b for b in range(256)}
-    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok = tokenizers.Tokenizer(models.BPE(vocab={BYTE_TO_CHAR[b]: b for b in range(256)}, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"] + [f"<|x{i}|>" for i in range((vocab_limit or 258) - 258)])
+    tok.add_special_tokens(list(specials))
+    return tok
+
+
+def write_tokenizer(d, vocab_limit=None):
+    """256 byte tokens + ChatML markers (+ fillers up to vocab_limit), no chat template."""
+    tok = byte_tokenizer(["<|im_start|>", "<|im_end|>"] + [f"<|x{i}|>" for i in range((vocab_limit or 258) - 258)])
     tok.save(str(d / "tokenizer.json"))
     (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "chat_template": None}))
 
@@ -93,12 +98,16 @@ def test_logits_and_greedy_match_transformers(tmp_path, family):
     for i, n in enumerate(lengths):
         torch.testing.assert_close(got[i, :n], want[i, :n], atol=1e-4, rtol=0)
 
-    prompts = [ids[i, :n].tolist() for i, n in enumerate(lengths) if i != 1]  # two lengths: batched decode
-    params = SamplingParams(temperature=0, max_tokens=32)
+    assert_greedy_matches(model, ref, [ids[i, :n].tolist() for i, n in enumerate(lengths) if i != 1])
+
+
+def assert_greedy_matches(model, ref, prompts, n=32):
+    """omnimini's batched greedy decode (prompts of different lengths) gives transformers' n greedy tokens."""
+    params = SamplingParams(temperature=0, max_tokens=n)
     ours = generate(model, [GenRequest(p, params) for p in prompts], eos_ids=[])
     for p, out in zip(prompts, ours, strict=True):
         with torch.no_grad():
-            theirs = ref.generate(torch.tensor([p]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
+            theirs = ref.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                   pad_token_id=0)
         assert out == theirs[0, len(p):].tolist()
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 transformers = pytest.importorskip("transformers")
 
-from test_weights_hf import write_tokenizer  # noqa: E402
+from test_weights_hf import byte_tokenizer, write_tokenizer  # noqa: E402
 
 from omnimini.engine.generate import GenRequest, generate  # noqa: E402
 from omnimini.engine.sampling import SamplingParams  # noqa: E402
@@ -85,14 +85,18 @@ def test_pixels_logits_and_greedy_match_transformers(llava):
 
 
 def test_missing_preprocessor_config_is_named(llava, tmp_path):
+    assert_needs_preprocessor(llava[1], tmp_path)
+
+
+def assert_needs_preprocessor(d, dst):
+    """A copy of VLM directory d without preprocessor_config.json is refused naming the file."""
     import shutil
 
-    _, d, _ = llava
     for f in d.iterdir():
         if f.name != "preprocessor_config.json":
-            shutil.copy(f, tmp_path / f.name)
+            shutil.copy(f, dst / f.name)
     with pytest.raises(CheckpointError, match="missing preprocessor_config.json"):
-        load_hf(tmp_path)
+        load_hf(dst)
 
 
 # in the style of llava-hf's processor templates: content parts, one <image> per image part
@@ -106,15 +110,7 @@ def _llava_tokenizer(d):
     """Bytes, then fillers, with <image> at the model's image token id and the template above."""
     import json
 
-    import tokenizers
-    from tokenizers import decoders, models, pre_tokenizers
-
-    from omnimini.tokenizer import BYTE_TO_CHAR
-
-    tok = tokenizers.Tokenizer(models.BPE(vocab={BYTE_TO_CHAR[b]: b for b in range(256)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["</s>"] + [f"<|x{i}|>" for i in range(IMAGE_TOKEN - 257)] + ["<image>"])
+    tok = byte_tokenizer(["</s>"] + [f"<|x{i}|>" for i in range(IMAGE_TOKEN - 257)] + ["<image>"])
     tok.save(str(d / "tokenizer.json"))
     (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "chat_template": LLAVA_TEMPLATE}))
 
@@ -123,23 +119,15 @@ def test_served_with_an_image_through_the_openai_client(llava):
     """`omnimini serve --model llava_dir`: the image becomes the tower's 16 tokens, the answer is transformers'
     greedy answer to the same prompt and pixels."""
     openai = pytest.importorskip("openai")
-    from test_server import LiveServer, free_port, png_url
+    from test_server import png_url
 
     from omnimini.images import decode_data_url
-    from omnimini.serve.config import ServeConfig
     from omnimini.tokenizer import Tokenizer
 
     ref, d, processor = llava
     _llava_tokenizer(d)
     url = png_url(40, 30, (200, 30, 30))
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                             {"type": "text", "text": "What colour?"}]}]
-    srv = LiveServer(ServeConfig(models=[str(d)], port=free_port(), quantize="none", max_batch=2, max_context=128))
-    try:
-        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=120)
-        out = client.chat.completions.create(model="gpt-4o-mini", messages=messages, max_tokens=8, temperature=0)
-    finally:
-        srv.stop()
+    out = ask_served(openai, d, url, "What colour?", max_context=128)
     tok = Tokenizer.from_dir(d)
     prompt = tok.encode("USER: " + "<image>" * N_IMG + "\nWhat colour? ASSISTANT:")
     assert out.usage.prompt_tokens == len(prompt) and prompt.count(IMAGE_TOKEN) == N_IMG
@@ -148,3 +136,20 @@ def test_served_with_an_image_through_the_openai_client(llava):
         want = ref.generate(input_ids=torch.tensor([prompt]), pixel_values=pixels, max_new_tokens=8,
                             min_new_tokens=8, do_sample=False, pad_token_id=0)[0, len(prompt):]
     assert out.choices[0].message.content == tok.decode(want.tolist())
+
+
+def ask_served(openai, d, url, text, max_context):
+    """`omnimini serve --model d` on 127.0.0.1, asked through the openai client about one image (8 greedy tokens)."""
+    from test_server import LiveServer, free_port
+
+    from omnimini.serve.config import ServeConfig
+
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": text}]}]
+    srv = LiveServer(ServeConfig(models=[str(d)], port=free_port(), quantize="none", max_batch=2,
+                                 max_context=max_context))
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        return client.chat.completions.create(model="gpt-4o-mini", messages=messages, max_tokens=8, temperature=0)
+    finally:
+        srv.stop()

@@ -61,22 +61,19 @@ def cmd_params(args) -> int:
 # ---- generate ----------------------------------------------------------------------------------------------------
 
 def cmd_generate(args) -> int:
-    import torch
 
     from omnimini.engine.generate import GenRequest, generate_stream
     from omnimini.engine.sampling import SamplingParams
-    from omnimini.images import load_image, vision_pixels
+    from omnimini.images import image_inputs, load_image
     from omnimini.tokenizer import IncrementalDecoder
 
     model, tok = _load(args)
-    pixels = None
-    n_img = 0
+    pixels, images = None, None
     if args.image:
         if model.config.vision is None:
             raise ValueError(f"--image: model {args.model or 'default'} has no vision encoder")
-        v = model.config.vision
-        pixels = torch.stack([vision_pixels(load_image(p), v) for p in args.image])
-        n_img = v.tokens_per_image
+        images = image_inputs([load_image(p) for p in args.image], model.config.vision, tok.image_token)
+        pixels = images.pixels
     if args.raw:
         ids = tok.encode_prompt(args.prompt)
         if args.image:
@@ -85,7 +82,8 @@ def cmd_generate(args) -> int:
         content = [{"type": "image"} for _ in args.image or []] + [{"type": "text", "text": args.prompt}]
         msgs = ([{"role": "system", "content": args.system}] if args.system else []) + \
                [{"role": "user", "content": content if args.image else args.prompt}]
-        ids = tok.encode_chat(msgs, image_tokens=n_img)
+        ids = tok.encode_chat(msgs, image_tokens=images.image_tokens if images else 0,
+                              image_texts=images.texts if images else None)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                             max_tokens=args.max_tokens)
     dec = IncrementalDecoder(tok, skip_special=True)

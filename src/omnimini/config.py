@@ -62,12 +62,24 @@ class VisionConfig:
     positions: str = "2d"  # "2d": row + column tables; "1d": one learned position per patch (+ class token)
     pre_norm: bool = False  # LayerNorm on the embeddings before the blocks (CLIP's pre_layrnorm)
     final_norm: bool = True  # LayerNorm after the blocks (off: LLaVA reads a hidden layer before it)
-    act: str = "gelu"  # the blocks' MLP activation: "gelu" | "quick_gelu" (CLIP)
+    act: str = "gelu"  # the blocks' MLP activation: "gelu" | "quick_gelu" (CLIP) | "gelu_tanh" (SigLIP)
     norm_eps: float = 1e-5
-    projector: str = "omnimini"  # "omnimini": pixel shuffle, MLP, centring + RMSNorm; "mlp": Linear-GELU-Linear
+    # "omnimini": pixel shuffle, MLP, centring + RMSNorm; "mlp": Linear-GELU-Linear (LLaVA); "linear": pixel shuffle
+    # and one bias-free Linear (Idefics3 / SmolVLM)
+    projector: str = "omnimini"
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    resize: str = "square"  # "square": stretch to image_size; "crop": shortest side to image_size, centre crop
+    # "square": stretch to image_size; "crop": shortest side to image_size, centre crop (CLIP); "tiles": Idefics3's
+    # longest side to max_edge, then (split_images) sides rounded up to multiples of image_size, cut into
+    # image_size tiles plus the whole image squeezed into one more tile, or (not split_images) stretched to one tile
+    resize: str = "square"
+    resample: str = "bicubic"  # PIL filter of every resize: "bicubic" | "lanczos" (Idefics3)
+    max_edge: int | None = None  # resize="tiles": the longest side first goes to this (None: kept)
+    split_images: bool = False  # resize="tiles": tiles + global image (True) or the global image alone
+    # how an image is written in the prompt: "repeat": the placeholder token once per image token (the template
+    # frames it); "idefics3": each tile's tokens after <fake_token_around_image><row_r_col_c>, the global image's
+    # after <fake_token_around_image><global-img>, as Idefics3's processor expands each <image>
+    image_prompt: str = "repeat"
 
     def __post_init__(self):  # JSON gives lists back
         self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
@@ -167,8 +179,9 @@ class ModelConfig:
                 raise ConfigError(f"vision grid {v.grid} not divisible by pixel_shuffle {v.pixel_shuffle}")
             if v.hidden_size % v.num_heads:
                 raise ConfigError(f"vision.hidden_size {v.hidden_size} not divisible by heads {v.num_heads}")
-            choices = {"positions": ("2d", "1d"), "act": ("gelu", "quick_gelu"), "projector": ("omnimini", "mlp"),
-                       "resize": ("square", "crop")}
+            choices = {"positions": ("2d", "1d"), "act": ("gelu", "quick_gelu", "gelu_tanh"),
+                       "projector": ("omnimini", "mlp", "linear"), "resize": ("square", "crop", "tiles"),
+                       "resample": ("bicubic", "lanczos"), "image_prompt": ("repeat", "idefics3")}
             for key, allowed in choices.items():
                 if getattr(v, key) not in allowed:
                     raise ConfigError(f"vision.{key} must be one of {', '.join(allowed)}, got {getattr(v, key)!r}")
@@ -176,6 +189,10 @@ class ModelConfig:
                 raise ConfigError("vision.class_token needs positions='1d'")
             if v.projector == "mlp" and v.pixel_shuffle != 1:
                 raise ConfigError("vision.projector 'mlp' takes one token per patch (pixel_shuffle 1)")
+            if v.max_edge is not None and v.max_edge < 1:
+                raise ConfigError(f"vision.max_edge must be >= 1, got {v.max_edge}")
+            if v.split_images and v.resize != "tiles":
+                raise ConfigError("vision.split_images needs resize='tiles'")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,25 +77,136 @@ def load_image(path: str | Path, limits: ImageLimits = DEFAULT_LIMITS) -> Image.
         raise ImageError(f"{p}: {e}") from None
 
 
-def to_pixels(img: Image.Image, size: int, mean=MEAN, std=STD, resize: str = "square") -> torch.Tensor:
-    """Resize to size x size (bicubic) and normalise -> float32 [3, size, size]. resize="crop": the shortest side
-    to `size` (the other in proportion, truncated) and a centred size x size crop, as CLIP's processor does."""
-    img = img.convert("RGB")
-    if resize == "crop":
-        w, h = img.size
-        short, long = min(w, h), max(w, h)
-        new_long = int(size * long / short)
-        img = img.resize((size, new_long) if w <= h else (new_long, size), Image.Resampling.BICUBIC)
-        left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-    else:
-        img = img.resize((size, size), Image.Resampling.BICUBIC)
-    t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3)
+RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
+
+
+def _normalise(img: Image.Image, mean, std) -> torch.Tensor:
+    w, h = img.size
+    t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(h, w, 3)
     t = t.permute(2, 0, 1).float() / 255.0
     mean, std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
     return (t - mean) / std
 
 
+def to_pixels(img: Image.Image, size: int, mean=MEAN, std=STD, resize: str = "square",
+              resample: str = "bicubic") -> torch.Tensor:
+    """Resize to size x size and normalise -> float32 [3, size, size]. resize="crop": the shortest side
+    to `size` (the other in proportion, truncated) and a centred size x size crop, as CLIP's processor does."""
+    img = img.convert("RGB")
+    f = RESAMPLE[resample]
+    if resize == "crop":
+        w, h = img.size
+        short, long = min(w, h), max(w, h)
+        new_long = int(size * long / short)
+        img = img.resize((size, new_long) if w <= h else (new_long, size), f)
+        left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    else:
+        img = img.resize((size, size), f)
+    return _normalise(img, mean, std)
+
+
+# Idefics3's processor caps any side at 4096 px after its longest-edge resize
+_MAX_SIDE = 4096
+
+
+def _longest_edge(w: int, h: int, edge: int) -> tuple[int, int]:
+    """(w, h) with the longest side at `edge`, the other in proportion, truncated, then rounded up to even (as
+    Idefics3's processor computes it: small images are enlarged too), then capped at 4096."""
+    aspect = w / h
+    if w >= h:
+        w, h = edge, int(edge / aspect)
+        h += h % 2
+    else:
+        h, w = edge, int(edge * aspect)
+        w += w % 2
+    w, h = max(w, 1), max(h, 1)
+    aspect = w / h
+    if w >= h and w > _MAX_SIDE:
+        w, h = _MAX_SIDE, int(_MAX_SIDE / aspect)
+    elif h > w and h > _MAX_SIDE:
+        h, w = _MAX_SIDE, int(_MAX_SIDE * aspect)
+    return max(w, 1), max(h, 1)
+
+
+def _tile_multiple(w: int, h: int, tile: int) -> tuple[int, int]:
+    """(w, h) rounded up to multiples of the tile side: the longer side first, the other from the aspect ratio."""
+    aspect = w / h
+    if w >= h:
+        w = math.ceil(w / tile) * tile
+        h = math.ceil(int(w / aspect) / tile) * tile
+    else:
+        h = math.ceil(h / tile) * tile
+        w = math.ceil(int(h * aspect) / tile) * tile
+    return max(w, tile), max(h, tile)  # a sliver (aspect > 2 * tile) would round to 0 px, which cannot be resized
+
+
+def split_tiles(img: Image.Image, vision) -> tuple[list[Image.Image], int, int]:
+    """Idefics3 / SmolVLM image splitting: (tiles in row-major order then the global image, rows, cols); rows =
+    cols = 0 when the image is one tile."""
+    img = img.convert("RGB")
+    f, tile = RESAMPLE[vision.resample], vision.image_size
+    if vision.max_edge is not None:
+        img = img.resize(_longest_edge(*img.size, vision.max_edge), f)
+    if not vision.split_images:
+        return [img.resize((tile, tile), f)], 0, 0
+    img = img.resize(_tile_multiple(*img.size, tile), f)
+    w, h = img.size
+    if w <= tile and h <= tile:
+        return [img], 0, 0
+    rows, cols = h // tile, w // tile
+    tiles = [img.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(rows) for c in range(cols)]
+    return tiles + [img.resize((tile, tile), f)], rows, cols
+
+
+def vision_tiles(img: Image.Image, vision) -> tuple[torch.Tensor, tuple[int, int]]:
+    """An image as the model's vision tower takes it: [tiles, 3, S, S] (one tile unless the family splits images)
+    and the split's (rows, cols), (0, 0) when it is not split."""
+    if vision.resize != "tiles":
+        return to_pixels(img, vision.image_size, vision.image_mean, vision.image_std, vision.resize,
+                         vision.resample)[None], (0, 0)
+    tiles, rows, cols = split_tiles(img, vision)
+    return torch.stack([_normalise(t, vision.image_mean, vision.image_std) for t in tiles]), (rows, cols)
+
+
 def vision_pixels(img: Image.Image, vision) -> torch.Tensor:
-    """An image as the model's vision tower takes it (its VisionConfig's size, resizing and normalisation)."""
-    return to_pixels(img, vision.image_size, vision.image_mean, vision.image_std, vision.resize)
+    """A one-tile image as the tower takes it: [3, S, S] (families that split images: vision_tiles)."""
+    pixels, grid = vision_tiles(img, vision)
+    if pixels.shape[0] != 1:
+        raise ValueError(f"this model splits images into tiles ({grid[0]}x{grid[1]} + 1); use vision_tiles")
+    return pixels[0]
+
+
+def prompt_texts(vision, grids: list[tuple[int, int]], image_token: str) -> list[str] | None:
+    """What each image's placeholder becomes in the prompt, for families that write images their own way
+    (None: the template writes image_tokens placeholders itself, or the tokenizer repeats its one placeholder)."""
+    if vision.image_prompt != "idefics3":
+        return None
+    n = vision.tokens_per_image
+    whole = f"{FAKE_IMAGE}{GLOBAL_IMAGE}{image_token * n}{FAKE_IMAGE}"
+    out = []
+    for rows, cols in grids:
+        if rows == 0:
+            out.append(whole)
+            continue
+        text = "".join("".join(f"{FAKE_IMAGE}<row_{r + 1}_col_{c + 1}>{image_token * n}" for c in range(cols)) + "\n"
+                       for r in range(rows))
+        out.append(text + "\n" + whole)
+    return out
+
+
+FAKE_IMAGE, GLOBAL_IMAGE = "<fake_token_around_image>", "<global-img>"  # Idefics3's image framing tokens
+
+
+@dataclass
+class ImageInputs:
+    pixels: torch.Tensor  # [tiles, 3, S, S]: every image's tiles in prompt order
+    texts: list[str] | None  # each image's prompt text (prompt_texts), None where the template writes it
+    image_tokens: int  # placeholders per tile (the template's image_tokens)
+
+
+def image_inputs(images: list[Image.Image], vision, image_token: str | None) -> ImageInputs:
+    """Images of one request -> the tower's pixels and how the prompt writes them."""
+    pixels, grids = zip(*(vision_tiles(img, vision) for img in images), strict=True)
+    return ImageInputs(torch.cat(pixels), prompt_texts(vision, list(grids), image_token or ""),
+                       vision.tokens_per_image)

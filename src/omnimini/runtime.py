@@ -32,6 +32,13 @@ def load_for_inference(spec: str | None, quantize: str = "none", device: str = "
         from omnimini.weights.gguf_native import load_native
 
         model, tok, native = load_native(spec, gguf, quantize)
+        from omnimini.weights.convert import detect
+        from omnimini.weights.default import wants_vision
+
+        if detect(spec) == "default" and wants_vision(spec):  # omnimini-vl: the same text blocks + its vision
+            from omnimini.vl.spec import load_vl
+
+            model, tok = load_vl(model, tok, in_place=True)
     else:
         model, tok = load_any(spec, device=device, dtype=torch.float32)
     model.eval()
@@ -62,9 +69,9 @@ def local_stream_fn(model, tok, temperature: float = 0.7, max_tokens: int = 512,
 
 def encode_messages(model, tok, messages: list[dict]) -> tuple[list[int], torch.Tensor | None]:
     """Chat messages (images as PIL `image` parts or data: URL `image_url` parts) -> prompt ids and pixels."""
-    from omnimini.images import decode_data_url, vision_pixels
+    from omnimini.images import decode_data_url, image_inputs
 
-    pixels, msgs = [], []
+    images, msgs = [], []
     for m in messages:
         content = m.get("content")
         if not isinstance(content, list):
@@ -75,11 +82,12 @@ def encode_messages(model, tok, messages: list[dict]) -> tuple[list[int], torch.
             if p.get("type") in ("image", "image_url"):
                 if model.config.vision is None:
                     raise ValueError("this model has no vision encoder; it cannot take images")
-                img = p.get("image") or decode_data_url(p["image_url"]["url"])
-                pixels.append(vision_pixels(img, model.config.vision))
+                images.append(p.get("image") or decode_data_url(p["image_url"]["url"]))
                 parts.append({"type": "image"})
             else:
                 parts.append(p)
         msgs.append({**m, "content": parts})
-    n_img = model.config.vision.tokens_per_image if pixels else 0
-    return tok.encode_chat(msgs, image_tokens=n_img), (torch.stack(pixels) if pixels else None)
+    if not images:
+        return tok.encode_chat(msgs), None
+    inputs = image_inputs(images, model.config.vision, tok.image_token)
+    return tok.encode_chat(msgs, image_tokens=inputs.image_tokens, image_texts=inputs.texts), inputs.pixels

@@ -233,7 +233,9 @@ class Tokenizer:
             raise ChatTemplateError("this tokenizer has no chat template (tokenizer_config.json has none)")
         if image_tokens < 0:
             raise ChatTemplateError(f"image_tokens must be >= 0, got {image_tokens}")
-        ours = "<|im_start|>" in self.chat_template and self.image_token is not None
+        # omnimini's own template frames images with start/end tokens; a loaded VLM's template (SmolVLM's is ChatML
+        # too) writes one placeholder per image that encode_chat expands
+        ours = "<|im_start|>" in self.chat_template and self.image_token is not None and not self.expand_image_token
         images_in_messages = any(
             isinstance(m, dict) and isinstance(m.get("content"), list)
             and any(isinstance(p, dict) and p.get("type") in ct.IMAGE_PART_TYPES for p in m["content"])
@@ -255,11 +257,20 @@ class Tokenizer:
         )
 
     def encode_chat(self, messages: list[dict], tools: list[dict] | None = None,
-                    add_generation_prompt: bool = True, image_tokens: int = 0, **template_kwargs: Any) -> list[int]:
+                    add_generation_prompt: bool = True, image_tokens: int = 0,
+                    image_texts: list[str] | None = None, **template_kwargs: Any) -> list[int]:
+        """image_texts: what the template's one placeholder per image becomes, image by image (Idefics3 frames
+        each image's tiles with tokens of its own); without them the placeholder is repeated image_tokens times."""
         # Special-token text inside message content is encoded as special tokens too, as transformers and
         # vLLM do; callers that need stricter isolation must filter content first.
         text = self.render_chat(messages, tools, add_generation_prompt, image_tokens, **template_kwargs)
-        if self.expand_image_token and self.image_token and image_tokens > 1:
+        if self.expand_image_token and self.image_token and image_texts is not None:
+            pieces = text.split(self.image_token)
+            if len(pieces) - 1 != len(image_texts):
+                raise ChatTemplateError(f"the prompt has {len(pieces) - 1} {self.image_token} placeholders for "
+                                        f"{len(image_texts)} images")
+            text = pieces[0] + "".join(t + p for t, p in zip(image_texts, pieces[1:], strict=True))
+        elif self.expand_image_token and self.image_token and image_tokens > 1:
             text = text.replace(self.image_token, self.image_token * image_tokens)
         return self.encode(text, allow_special=True)
 

@@ -198,7 +198,7 @@ class Engine:
                  kv_budget_tokens: int | None = None, prefill_chunk: int = 256, name: str = "model",
                  threads: int | None = int(os.environ.get("OMNIMINI_ENGINE_THREADS", "1")),
                  compile_decode: bool = False, prefix_cache_tokens: int | None = None,
-                 prefix_block_size: int = 32):
+                 prefix_block_size: int = 32, kv_cache: str = "auto"):
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch ({max_batch}) and prefill_chunk ({prefill_chunk}) must be >= 1")
         self.model = model.eval()
@@ -223,7 +223,9 @@ class Engine:
             # placeholder without an image (a 400 for a stored conversation continued with previous_response_id)
             invalid[cfg.image_token_id] = True
         self._invalid = invalid if bool(invalid.any()) else None
-        self.cache = model.new_cache(max_batch, self.max_context)
+        # the compiled decode step (fast_decode) attends in PyTorch: it keeps the float32 cache
+        kv_dtype = model.kv_cache_dtype("fp32" if compile_decode and kv_cache == "auto" else kv_cache)
+        self.cache = model.new_cache(max_batch, self.max_context, dtype=kv_dtype)
         # prefix cache: its own pool beside the slots (default a quarter of the slots' KV budget); 0 turns it off
         pc = self.kv_budget // 4 if prefix_cache_tokens is None else prefix_cache_tokens
         self.prefix_cache = PrefixCache(self.cache, pc, prefix_block_size) if pc >= prefix_block_size else None
@@ -274,8 +276,9 @@ class Engine:
         if req.pixels is not None:
             tpi = self.model.config.vision.tokens_per_image if self.model.config.vision else 0
             if n_ph != req.pixels.shape[0] * tpi:
-                raise ValueError(f"prompt has {n_ph} image placeholders; {req.pixels.shape[0]} images need "
-                                 f"{req.pixels.shape[0] * tpi}")
+                # (a family that splits images sends each tile as one tower image)
+                raise ValueError(f"prompt has {n_ph} image placeholders; {req.pixels.shape[0]} images (tiles) "
+                                 f"need {req.pixels.shape[0] * tpi}")
         elif n_ph:
             raise ValueError(f"prompt has {n_ph} image placeholder tokens but no images were given")
         return reserve

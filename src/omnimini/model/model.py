@@ -238,6 +238,26 @@ class OmniModel(nn.Module):
         p = next(self.parameters())
         return KVCache(self.config, slots, max_len or self.config.max_seq_len, p.device, dtype or p.dtype)
 
+    def kv_cache_dtype(self, kind: str = "auto") -> torch.dtype:
+        """The KV cache's dtype for `kind` (config.KV_CACHE_KINDS): fp32 | fp16 | auto. auto is float16 when every
+        layer's decode step runs omnimini's attention kernel (CPU, float32 activations, fused q/k/v, kernels
+        available), which reads and writes float16 keys/values directly: half the cache memory for logits within
+        ~1e-3 of the float32 cache (tests/test_block_quant.py); otherwise the parameters' dtype (the PyTorch path
+        would convert the cache back on every step)."""
+        p = next(self.parameters())
+        if kind == "fp32":
+            return torch.float32
+        if kind == "fp16":
+            return torch.float16
+        if kind != "auto":
+            raise ValueError(f"unknown KV cache kind {kind!r} (choose one of: auto, fp32, fp16)")
+        from omnimini import kernels
+
+        native = all(blk.attn.native_decode_possible() for blk in self.blocks)
+        if native and p.device.type == "cpu" and p.dtype == torch.float32 and kernels.available():
+            return torch.float16
+        return p.dtype
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

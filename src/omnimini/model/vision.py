@@ -18,7 +18,11 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)  # CLIP's approximation
 
 
-ACTS = {"gelu": F.gelu, "quick_gelu": quick_gelu}
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")  # SigLIP's gelu_pytorch_tanh
+
+
+ACTS = {"gelu": F.gelu, "quick_gelu": quick_gelu, "gelu_tanh": gelu_tanh}
 
 
 class ViTBlock(nn.Module):
@@ -57,8 +61,11 @@ class VisionEncoder(nn.Module):
         self.blocks = nn.ModuleList(ViTBlock(cfg) for _ in range(cfg.num_layers))
         self.norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.final_norm else None
         s = cfg.pixel_shuffle
-        self.proj_fc1 = nn.Linear(d * s * s, lm_hidden)
-        self.proj_fc2 = nn.Linear(lm_hidden, lm_hidden)
+        # "linear" (Idefics3's modality projection) is one bias-free map of the shuffled patches; the others are
+        # Linear-GELU-Linear
+        linear = cfg.projector == "linear"
+        self.proj_fc1 = nn.Linear(d * s * s, lm_hidden, bias=not linear)
+        self.proj_fc2 = None if linear else nn.Linear(lm_hidden, lm_hidden)
         self.proj_norm = None
         if cfg.projector == "omnimini":
             # image tokens start at the scale of text embeddings (std 0.02): unnormalised they grow ~100x larger,
@@ -97,13 +104,18 @@ class VisionEncoder(nn.Module):
         return self.project(x, gh, gw)
 
     def project(self, x, gh, gw):
-        if self.proj_norm is None:  # LLaVA's MLP projector: one token per patch
-            return self.proj_fc2(F.gelu(self.proj_fc1(x)))
-        # pixel shuffle: merge each s x s neighbourhood of patches into one token (fewer, wider tokens)
+        # pixel shuffle: merge each s x s neighbourhood of patches into one token (fewer, wider tokens); the
+        # features of a token are its patches in row-major order, as Idefics3's connector lays them out
         s = self.cfg.pixel_shuffle
-        N, _, D = x.shape
-        x = x.view(N, gh // s, s, gw // s, s, D).permute(0, 1, 3, 2, 4, 5).reshape(N, (gh // s) * (gw // s), s * s * D)
-        y = self.proj_fc2(F.gelu(self.proj_fc1(x)))
+        if s > 1:
+            N, _, D = x.shape
+            x = x.view(N, gh // s, s, gw // s, s, D).permute(0, 1, 3, 2, 4, 5)
+            x = x.reshape(N, (gh // s) * (gw // s), s * s * D)
+        y = self.proj_fc1(x)
+        if self.proj_fc2 is not None:
+            y = self.proj_fc2(F.gelu(y))
+        if self.proj_norm is None:  # LLaVA's MLP, Idefics3's linear map: the tokens as projected
+            return y
         # Remove the component every token of the image shares. Trained from scratch, the LM first sees image
         # tokens as noise and the quickest way to lower its loss is to make them constant: a shared vector grows
         # until, after the norm, every image looks the same (measured: the nano model's image tokens varied

@@ -6,7 +6,6 @@ import asyncio
 from dataclasses import dataclass
 
 import httpx
-import torch
 
 from omnimini.chat_template import TokenizerError
 from omnimini.engine.sampling import SamplingParams
@@ -20,7 +19,7 @@ from omnimini.engine.tools import (
     template_knows_tools,
     tool_constraint,
 )
-from omnimini.images import ImageError, ImageLimits, decode_data_url, open_image, vision_pixels
+from omnimini.images import ImageError, ImageInputs, ImageLimits, decode_data_url, image_inputs, open_image
 from omnimini.serve.errors import APIError, bad_request
 from omnimini.serve.protocol import ChatCompletionRequest, CompletionRequest
 from omnimini.serve.registry import ServedModel
@@ -86,7 +85,7 @@ async def _fetch(url: str, limits: ImageLimits, timeout: float) -> bytes:
             return bytes(data)
 
 
-async def _load_images(urls: list[str], served: ServedModel, cfg) -> torch.Tensor | None:
+async def _load_images(urls: list[str], served: ServedModel, cfg) -> ImageInputs | None:
     if not urls:
         return None
     vision = served.model.config.vision
@@ -96,7 +95,7 @@ async def _load_images(urls: list[str], served: ServedModel, cfg) -> torch.Tenso
     if len(urls) > lim.max_images:
         raise bad_request(f"Too many images: {len(urls)} (limit {lim.max_images}).", "messages")
     il = ImageLimits(max_bytes=lim.max_image_bytes, max_pixels=lim.max_image_pixels)
-    pixels = []
+    images = []
     for i, url in enumerate(urls):
         try:
             if url.startswith("data:"):
@@ -113,8 +112,8 @@ async def _load_images(urls: list[str], served: ServedModel, cfg) -> torch.Tenso
             raise bad_request(f"Invalid image {i}: {e}", "messages", "invalid_image") from None
         except httpx.HTTPError as e:
             raise bad_request(f"Could not fetch image {i}: {e}", "messages", "invalid_image") from None
-        pixels.append(vision_pixels(img, vision))
-    return torch.stack(pixels)
+        images.append(img)
+    return await asyncio.to_thread(image_inputs, images, vision, served.tokenizer.image_token)
 
 
 def _constraint(body: ChatCompletionRequest, tok, choice: str | None, tools: list[dict]):
@@ -152,15 +151,15 @@ async def prepare_chat(body: ChatCompletionRequest, served: ServedModel, cfg) ->
     messages = [m.to_template() for m in body.messages]
     urls = [p.image_url.url for m in body.messages if isinstance(m.content, list)
             for p in m.content if p.type == "image_url"]
-    pixels = await _load_images(urls, served, cfg)
+    images = await _load_images(urls, served, cfg)
     use_tools = tools if choice not in (None, "none") else None
     if tools and not template_knows_tools(tok.chat_template):
         messages = inline_tool_calls(messages)
         if use_tools:
             messages, use_tools = inject_tools(messages, use_tools), None
-    tpi = served.model.config.vision.tokens_per_image if pixels is not None else 0
     try:
-        ids = tok.encode_chat(messages, tools=use_tools, image_tokens=tpi)
+        ids = tok.encode_chat(messages, tools=use_tools, image_tokens=images.image_tokens if images else 0,
+                              image_texts=images.texts if images else None)
     except TokenizerError as e:
         raise bad_request(str(e), "messages") from None
     max_tokens = _max_tokens(body.requested_max_tokens(), len(ids), served, lim.max_tokens)
@@ -168,7 +167,8 @@ async def prepare_chat(body: ChatCompletionRequest, served: ServedModel, cfg) ->
         raise bad_request(f"n={body.n} is above this server's limit of {lim.max_n}", "n")
     params = sampling_params(body, served, max_tokens)
     params.logprobs, params.top_logprobs = body.logprobs, body.top_logprobs or 0
-    req = EngineRequest(ids, params, n=body.n, pixels=pixels, constraint=_constraint(body, tok, choice, tools))
+    req = EngineRequest(ids, params, n=body.n, pixels=images.pixels if images else None,
+                        constraint=_constraint(body, tok, choice, tools))
     check(served, req)
     mode = None if choice in (None, "none") else "auto" if choice == "auto" else "forced"
     return PreparedChat(req, mode, body.parallel_tool_calls, len(ids))

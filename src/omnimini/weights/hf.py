@@ -22,7 +22,9 @@ from omnimini.weights.checkpoint import CheckpointError, build_model, read_safet
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "mistral", "phi3",
                          "gemma3_text")
 GEMMA = ("gemma3_text",)
-VISION_LANGUAGE = ("llava",)  # CLIP tower + MLP projector + one of the text families (hf_llava.py)
+# CLIP tower + MLP projector (hf_llava.py); SigLIP tower + pixel shuffle + linear projector, images split into tiles
+# (hf_idefics3.py); each with one of the text families
+VISION_LANGUAGE = ("llava", "idefics3", "smolvlm")
 SUPPORTED_ROPE = ("default", "linear", "llama3")
 HF_INDEX = "model.safetensors.index.json"
 
@@ -284,23 +286,27 @@ def load_hf_model(path, device="cpu", dtype=torch.float32):
     d = Path(path)
     c = read_hf_config(d)
     if c.get("model_type") in VISION_LANGUAGE:
-        return _load_llava(d, c, device, dtype)
+        return _load_vlm(d, c, device, dtype)
     cfg = config_from_hf(c)
     state = convert_state(read_safetensors(_weight_files(d)), cfg)
     return build_model(cfg, state, f"{d} ({cfg.arch})", device, dtype)
 
 
-def _load_llava(d: Path, c: dict, device, dtype):
+def _load_vlm(d: Path, c: dict, device, dtype):
     import dataclasses
 
-    from omnimini.weights import hf_llava
+    from omnimini.weights import hf_idefics3, hf_llava
 
-    text = config_from_hf(hf_llava.text_config(c))
-    vision, image_token = hf_llava.vision_config(c, d)
-    cfg = dataclasses.replace(text, vision=vision, image_token_id=image_token, arch="llava")
-    lm, tower = hf_llava.split_state(read_safetensors(_weight_files(d)), vision)
+    mt = c["model_type"]
+    family = hf_llava if mt == "llava" else hf_idefics3
+    vision, image_token = family.vision_config(c, d)  # first: a missing preprocessor config is named up front
+    text = config_from_hf(family.text_config(c))
+    lm, tower = family.split_state(read_safetensors(_weight_files(d)), vision)
+    if family is hf_idefics3:  # an exported head means an untied one, whichever config level says otherwise
+        text = dataclasses.replace(text, tie_embeddings="lm_head.weight" not in lm)
+    cfg = dataclasses.replace(text, vision=vision, image_token_id=image_token, arch=mt)
     state = {**convert_state(lm, text), **tower}
-    return build_model(cfg, state, f"{d} (llava)", device, dtype)
+    return build_model(cfg, state, f"{d} ({mt})", device, dtype)
 
 
 def load_hf(path, device="cpu", dtype=torch.float32):
@@ -315,5 +321,9 @@ def load_hf(path, device="cpu", dtype=torch.float32):
     if model.config.arch in VISION_LANGUAGE:  # its template writes one placeholder per image
         tok.image_token = tok.id_to_token(model.config.image_token_id)
         tok.expand_image_token = True
+        if model.config.vision.image_prompt == "idefics3":
+            from omnimini.weights.hf_idefics3 import check_tokenizer
+
+            check_tokenizer(tok, model.config.vision, str(d))
     check_vocab(tok, model.config, str(d))
     return model, tok

@@ -61,7 +61,8 @@ def vision_config(c: dict, d: Path) -> tuple[VisionConfig, int]:
     return cfg, int(token)
 
 
-def _preprocessor(d: Path, image_size: int) -> dict:
+def read_preprocessor(d: Path) -> dict:
+    """The directory's preprocessor_config.json (a VLM's image preprocessing), which must be there."""
     f = d / PREPROCESSOR
     if not f.is_file():
         raise CheckpointError(f"{d}: missing {PREPROCESSOR} (a vision-language checkpoint needs its image "
@@ -70,13 +71,34 @@ def _preprocessor(d: Path, image_size: int) -> dict:
         p = json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(p, dict):
+        raise CheckpointError(f"{f}: not a JSON object")
+    return p
+
+
+# PIL's filter numbers, as image processors save `resample`
+RESAMPLE = {1: "lanczos", 3: "bicubic"}
+
+
+def resample(p: dict, default: str) -> str:
+    r = p.get("resample")
+    if r is None:
+        return default
+    if r not in RESAMPLE:
+        raise CheckpointError(f"{PREPROCESSOR}: resample={r!r} is not supported (supported: "
+                              f"{', '.join(f'{k} ({v})' for k, v in RESAMPLE.items())})")
+    return RESAMPLE[r]
+
+
+def _preprocessor(d: Path, image_size: int) -> dict:
+    p = read_preprocessor(d)
     size = p.get("crop_size") or p.get("size") or {}
     side = size.get("height", size.get("shortest_edge")) if isinstance(size, dict) else size
     if side is not None and int(side) != image_size:
-        raise CheckpointError(f"{f}: images of {side} px do not fit a tower built for {image_size} px")
+        raise CheckpointError(f"{d / PREPROCESSOR}: images of {side} px do not fit a tower built for {image_size} px")
     return {"image_mean": tuple(p.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
             "image_std": tuple(p.get("image_std", (0.26862954, 0.26130258, 0.27577711))),
-            "resize": "crop" if p.get("do_center_crop", True) else "square"}
+            "resize": "crop" if p.get("do_center_crop", True) else "square", "resample": resample(p, "bicubic")}
 
 
 def split_state(hf: dict[str, torch.Tensor], vision: VisionConfig) -> tuple[dict, dict]:
@@ -90,11 +112,23 @@ def split_state(hf: dict[str, torch.Tensor], vision: VisionConfig) -> tuple[dict
         else:  # transformers 5 keeps the LM under model.language_model.; older files under language_model.
             name = re.sub(r"^(?:model\.language_model\.|language_model\.model\.)", "model.", name)
             text[re.sub(r"^language_model\.lm_head\.", "lm_head.", name)] = t
+    out.update(tower_state(tower, vision))
+    return text, out
+
+
+def tower_state(tower: dict[str, torch.Tensor], vision: VisionConfig, pos_ids: torch.Tensor | None = None) -> dict:
+    """A CLIP / SigLIP vision tower's tensors (names below vision_model.) -> OmniModel's vision.* tensors. Layers
+    past vision.num_layers are dropped (LLaVA reads a hidden layer); the final LayerNorm is kept only when the
+    encoder applies one. pos_ids: which learned position each patch reads (default: patch i reads position i)."""
+    out: dict[str, torch.Tensor] = {}
     qkv: dict[int, dict] = {}
     for name, t in tower.items():
-        if name in ("embeddings.position_ids", "post_layernorm.weight", "post_layernorm.bias"):
-            continue  # a buffer; the final norm LLaVA does not read
-        if name == "embeddings.class_embedding":
+        if name == "embeddings.position_ids":
+            continue  # a buffer
+        if name.startswith("post_layernorm."):
+            if vision.final_norm:
+                out["vision.norm." + name.split(".")[-1]] = t
+        elif name == "embeddings.class_embedding":
             out["vision.class_token"] = t
         elif name == "embeddings.patch_embedding.weight":  # a stride-p conv is a linear map of each patch
             out["vision.patch_embed.weight"] = t.reshape(t.shape[0], -1)
@@ -102,7 +136,7 @@ def split_state(hf: dict[str, torch.Tensor], vision: VisionConfig) -> tuple[dict
         elif name == "embeddings.patch_embedding.bias":
             out["vision.patch_embed.bias"] = t
         elif name == "embeddings.position_embedding.weight":
-            out["vision.pos"] = t
+            out["vision.pos"] = t if pos_ids is None else t[pos_ids]
         elif name.startswith("pre_layrnorm."):
             out["vision.pre_norm." + name.split(".")[-1]] = t
         elif m := _LAYER.match(name):
@@ -124,4 +158,4 @@ def split_state(hf: dict[str, torch.Tensor], vision: VisionConfig) -> tuple[dict
             if missing:
                 raise CheckpointError(f"missing vision tensor: layer {i} {missing[0]}_proj.{kind}")
             out[f"vision.blocks.{i}.qkv.{kind}"] = torch.cat([parts[p, kind] for p in "qkv"])
-    return text, out
+    return out

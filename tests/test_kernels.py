@@ -8,10 +8,13 @@ Error bounds (stated per format, asserted below):
   activation moves by at most half its block's step) + the bound above.
 - dequantize(quantize(w)) vs w, per block with step d: Q8_0 <= 0.57 d, Q4_1 <= 0.51 d + |min| * 2^-10
   (float16 scales), Q4_0 <= 1.01 |d| (the largest-magnitude value's opposite clamps at 15).
+- Q4_K / Q6_K (read from GGUF files only): the same two qlinear bounds, on random valid super-blocks (gguf-py
+  has no quantizer for them); their dequantization equals gguf.quants.dequantize bit for bit.
 """
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -32,27 +35,76 @@ def _act_quant(x: torch.Tensor):
     return (q * (mx / 127)).reshape(x.shape), (mx / 127).reshape(x.shape[0], -1)
 
 
+def _check_qlinear(f, blocks, N, K, g):
+    wd = B.dequantize(blocks, f).double()
+    for M in ROWS:
+        x = torch.randn(M, K, generator=g) * 3
+        x[0, :32] *= 50  # one outlier block: its scale must not leak into the others
+        y = kernels.qlinear(x, blocks, f, N)
+        assert y.shape == (M, N) and y.dtype == torch.float32
+        xq, dx = _act_quant(x)
+        exact = xq.double() @ wd.T
+        flip = dx.amax(1, keepdim=True).double() * wd.abs().max()
+        tight = 1e-5 * (xq.double().abs() @ wd.abs().T) + flip
+        assert ((y.double() - exact).abs() <= tight).all(), (f.name, M, N, K)
+        step = (dx.double()[:, :, None] / 2 * wd.abs().reshape(N, -1, 32).sum(-1).T[None]).sum(1)
+        loose = step + tight
+        assert ((y.double() - x.double() @ wd.T).abs() <= loose).all(), (f.name, M, N, K)
+
+
 @pytest.mark.parametrize("fmt", list(B.FORMATS))
 def test_qlinear_matches_float_reference(fmt):
     f = B.get_format(fmt)
     g = torch.Generator().manual_seed(0)
     for N, K in SHAPES:
         w = torch.randn(N, K, generator=g) * 0.05
-        blocks = B.quantize(w, f)
-        wd = B.dequantize(blocks, f).double()
-        for M in ROWS:
-            x = torch.randn(M, K, generator=g) * 3
-            x[0, :32] *= 50  # one outlier block: its scale must not leak into the others
-            y = kernels.qlinear(x, blocks, f, N)
-            assert y.shape == (M, N) and y.dtype == torch.float32
-            xq, dx = _act_quant(x)
-            exact = xq.double() @ wd.T
-            flip = dx.amax(1, keepdim=True).double() * wd.abs().max()
-            tight = 1e-5 * (xq.double().abs() @ wd.abs().T) + flip
-            assert ((y.double() - exact).abs() <= tight).all(), (fmt, M, N, K)
-            step = (dx.double()[:, :, None] / 2 * wd.abs().reshape(N, -1, 32).sum(-1).T[None]).sum(1)
-            loose = step + tight
-            assert ((y.double() - x.double() @ wd.T).abs() <= loose).all(), (fmt, M, N, K)
+        _check_qlinear(f, B.quantize(w, f), N, K, g)
+
+
+def random_k_blocks(fmt: str, N: int, K: int, seed: int = 0) -> torch.Tensor:
+    """Valid random Q4_K / Q6_K super-blocks: random bytes, with finite float16 scales where the format keeps
+    them (random bytes there could be NaN/inf, which the loaders refuse)."""
+    f = B.get_format(fmt)
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (N, K // f.block_size, f.block_bytes), dtype=np.uint8)
+    for at in B._scale_offsets(f):
+        scale = (rng.standard_normal((N, K // f.block_size, 1)) * 0.01).astype(np.float16)
+        raw[..., at:at + 2] = scale.view(np.uint8)
+    return torch.from_numpy(raw.reshape(N, -1))
+
+
+K_SHAPES = [(37, 256), (70, 768), (16, 512), (5, 256)]  # N not a multiple of the 16-row chunk
+
+
+@pytest.mark.parametrize("fmt", list(B.GGUF_ONLY))
+def test_k_quant_qlinear_matches_float_reference(fmt):
+    f = B.get_format(fmt)
+    g = torch.Generator().manual_seed(3)
+    for i, (N, K) in enumerate(K_SHAPES):
+        _check_qlinear(f, random_k_blocks(fmt, N, K, seed=i), N, K, g)
+
+
+@pytest.mark.parametrize("fmt", list(B.GGUF_ONLY))
+def test_k_quant_dequantize_equals_gguf(fmt):
+    from gguf import GGMLQuantizationType, quants
+
+    blocks = random_k_blocks(fmt, 9, 768, seed=5)
+    want = quants.dequantize(blocks.numpy(), GGMLQuantizationType[fmt.upper()])
+    got = B.dequantize(blocks, fmt)
+    assert got.shape == (9, 768) and np.array_equal(got.numpy(), want)
+
+
+def test_k_quant_blocks_refused_where_they_cannot_be_used():
+    from omnimini.model.blocklinear import BlockLinear
+
+    blocks = random_k_blocks("q6_k", 4, 512)
+    blocks[1, 210 + 208: 210 + 210] = torch.tensor([float("inf")], dtype=torch.float16).view(torch.uint8)
+    with pytest.raises(B.BlockFormatError, match=r"blk\.0\.ffn_down\.weight: corrupt q6_k block .*row 1, block 1"):
+        BlockLinear(blocks, "q6_k", 512, what="blk.0.ffn_down.weight")
+    with pytest.raises(B.BlockFormatError, match="divisible by 256"):
+        BlockLinear(random_k_blocks("q4_k", 4, 256)[:, :100], "q4_k", 100)
+    with pytest.raises(B.BlockFormatError, match="read from GGUF files only"):
+        B.quantize(torch.randn(4, 256), "q4_k")
 
 
 @pytest.mark.parametrize("fmt", list(B.FORMATS))
@@ -128,6 +180,10 @@ def test_fallback_when_disabled(monkeypatch):
         torch.testing.assert_close(slow, B.reference_matmul(x.reshape(6, 64), lin.blocks, "q4_0").view(2, 3, 33)
                                    + lin.bias)
         assert (slow - fast).abs().max() < 0.02 * slow.abs().max()  # the kernel only rounds the activations
+        k_lin = BlockLinear(random_k_blocks("q6_k", 7, 256), "q6_k", 256)
+        xk = torch.randn(3, 256)
+        with torch.no_grad():
+            torch.testing.assert_close(k_lin(xk), xk @ B.dequantize(k_lin.blocks, "q6_k").T)
     finally:
         monkeypatch.delenv(kernels.DISABLE_ENV)
         kernels.reset_for_tests()

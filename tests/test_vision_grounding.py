@@ -232,8 +232,9 @@ def test_server_registry_serves_text_when_the_vision_file_is_corrupt(text_model,
 
 
 
-def test_image_adapters_touch_image_positions_only(text_model):
-    """Trained adapters change what an image prompt computes, and not one bit of a text-only prompt."""
+def test_image_adapters_run_from_the_image_on_only(text_model):
+    """Trained adapters change what an image prompt computes from its first image token on, and not one bit of a
+    text-only prompt or of the image prompt's own text before the image (the prefix cache shares that)."""
     from omnimini.vl.spec import attach_vision, vl_tokenizer
 
     model, text_tok = text_model
@@ -242,6 +243,7 @@ def test_image_adapters_touch_image_positions_only(text_model):
     text_ids = torch.tensor([text_tok.encode_chat([{"role": "user", "content": "Name a colour."}])])
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}]
     img_ids = torch.tensor([tok.encode_chat(msgs, image_tokens=vl.config.vision.tokens_per_image)])
+    first = int((img_ids[0] == tok.image_token_id).nonzero()[0])
     px = torch.nn.functional.interpolate(_full((220, 30, 30))[None], size=vl.config.vision.image_size)
     with torch.no_grad():
         before_img = vl(img_ids, pixels=px).logits
@@ -250,4 +252,74 @@ def test_image_adapters_touch_image_positions_only(text_model):
             blk.image_adapter.up.weight.normal_(std=0.05)
         torch.testing.assert_close(vl(text_ids).logits, model(text_ids).logits, atol=0, rtol=0)
         after_img = vl(img_ids, pixels=px).logits
-    assert (after_img - before_img).abs().max() > 1e-3
+    torch.testing.assert_close(after_img[:, :first], before_img[:, :first], atol=0, rtol=0)
+    change = (after_img - before_img).abs().amax(-1)[0]
+    assert (change[first:] > 1e-3).all()  # the image and every text position after it (question, answer)
+
+
+def test_engine_decode_keeps_the_adapters_on_after_the_image(tok):
+    """Decode steps carry one new (text) token: the engine must tell the model where the row's image began, or
+    the adapters would switch off and greedy decoding would drift from the full forward."""
+    from omnimini.engine.generate import GenRequest, generate
+    from omnimini.engine.sampling import SamplingParams
+    from omnimini.model.model import ImageAdapter
+
+    model = tiny_vlm(tok)
+    model.config = replace(model.config, image_adapter_dim=16)
+    torch.manual_seed(3)
+    for blk in model.blocks:
+        blk.image_adapter = ImageAdapter(48, 16, 1e-5)
+        torch.nn.init.normal_(blk.image_adapter.up.weight, std=0.5)
+    model.eval()
+    prompt = _prompt(tok, model)
+    px = torch.rand(1, 3, 32, 32)
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(12):  # the reference: the whole sequence through the model at every step
+            ids.append(int(model(torch.tensor([ids]), pixels=px).logits[0, -1].argmax()))
+    got = generate(model, [GenRequest(prompt, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+                                      pixels=px)], eos_ids=[])[0]
+    assert got == ids[len(prompt):]
+    # the server's engine: chunked prefill (chunks after the image hold no image token) beside a text request
+    from omnimini.engine.scheduler import Engine, EngineRequest
+
+    eng = Engine(model, tok, max_batch=2, prefill_chunk=5)
+    try:
+        text = tok.encode("red green blue")
+        sp = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+        res = eng.generate([EngineRequest(prompt, sp, pixels=px), EngineRequest(text, sp)])
+    finally:
+        eng.shutdown()
+    assert res[0].completions[0].token_ids == got
+    assert res[1].completions[0].token_ids == generate(model, [GenRequest(text, sp)], eos_ids=[])[0]
+    without = list(prompt)
+    with torch.no_grad():  # and the test can fail: decoding with the adapters off after the prompt differs
+        cache = model.new_cache(1, len(prompt) + 12)
+        out = model(torch.tensor([without]), cache=cache, pixels=px)
+        for _ in range(12):
+            without.append(int(out.logits[0, -1].argmax()))
+            n = len(without) - 1
+            out = model(torch.tensor([[without[-1]]]), positions=torch.tensor([[n]]), cache=cache)
+    assert without[len(prompt):] != got
+
+
+def test_served_default_is_omnimini_vl_on_the_text_models_own_blocks(text_model):
+    """`omnimini serve`'s default (GGUF blocks, --quantize auto) attaches the shipped vision weights to the same
+    quantized text model: text logits bit-identical to the text model served alone, and it takes images."""
+    from omnimini.runtime import load_for_inference
+    from omnimini.vl.spec import VISION_FILE
+    from omnimini.weights.default import TEXT_MODEL_NAME
+
+    if not VISION_FILE.is_file():
+        pytest.skip("no shipped vision file")
+    vl, vl_tok = load_for_inference(None, "auto")
+    text, text_tok = load_for_inference(TEXT_MODEL_NAME, "auto")
+    assert vl.config.vision is not None and text.config.vision is None
+    ids = torch.tensor([text_tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])])
+    assert vl_tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}]) == ids[0].tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(vl(ids).logits, text(ids).logits, atol=0, rtol=0)
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}]
+        img = torch.tensor([vl_tok.encode_chat(msgs, image_tokens=vl.config.vision.tokens_per_image)])
+        px = torch.nn.functional.interpolate(_full((220, 30, 30))[None], size=vl.config.vision.image_size)
+        assert torch.isfinite(vl(img, pixels=px).logits).all()

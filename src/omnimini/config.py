@@ -121,11 +121,12 @@ class ModelConfig:
     moe: MoEConfig | None = None
     vision: VisionConfig | None = None
     image_token_id: int | None = None  # placeholder id the vision features replace
-    # Image-position adapters ("visual expert", CogVLM-style): a small residual MLP per block that only image-token
-    # positions pass through (0 = none). A frozen LM cannot learn to read soft image tokens (measured: SmolLM2-135M
-    # did not even answer "red" to a red word embedding in the image slot); these give the image tokens their own
-    # trainable path through every layer, while text positions, and so text-only requests, compute exactly as
-    # without them.
+    # Image-conditioned adapters: a small residual MLP per block that every position of a row from its first image
+    # token onwards passes through (0 = none). A frozen LM cannot learn to read soft image tokens (measured:
+    # SmolLM2-135M did not even answer "red" to a red word embedding in the image slot), and adapters at the image
+    # positions alone gave it no way to change what its question and answer tokens look for; these do, while
+    # every position before the first image (so every text-only request, and the shared system prompt of an image
+    # request) computes exactly as without them.
     image_adapter_dim: int = 0
     arch: str = "omnimini"  # the family the weights came from, informational
 

@@ -30,6 +30,16 @@ def check_length(n_prompt: int, max_len: int) -> None:
         raise PromptTooLongError(f"prompt is {n_prompt} tokens; the context window is {max_len} tokens")
 
 
+def first_image(prompt_ids: list[int], image_token_id: int | None) -> int:
+    """Position of the prompt's first image placeholder (model.NO_IMAGE if none): where its image adapters start,
+    which decode steps must be told since their one new token is not an image."""
+    from omnimini.model.model import NO_IMAGE
+
+    if image_token_id is None or image_token_id not in prompt_ids:
+        return NO_IMAGE
+    return prompt_ids.index(image_token_id)
+
+
 def _pad(rows: list[list[int]], pad: int, device=None) -> torch.Tensor:
     T = max(len(r) for r in rows)
     return torch.tensor([r + [pad] * (T - len(r)) for r in rows], dtype=torch.long, device=device)
@@ -63,6 +73,7 @@ def generate_stream(model, requests: list[GenRequest], eos_ids: list[int]) -> It
     if pix:
         embeds = model.encode_images(torch.cat(pix).to(dev))
     logits = prefill(model, cache, [r.prompt_ids for r in requests], slots, embeds)
+    image_from = torch.tensor([first_image(r.prompt_ids, model.config.image_token_id) for r in requests], device=dev)
     gens = [make_generator(r.params.seed) for r in requests]
     counts = torch.zeros(B, model.config.vocab_size)
     lengths = torch.tensor([len(r.prompt_ids) for r in requests])
@@ -87,7 +98,8 @@ def generate_stream(model, requests: list[GenRequest], eos_ids: list[int]) -> It
         if all(done):
             return
         ids = torch.tensor(nxt, device=dev)[:, None]
-        out = model(ids, positions=lengths[:, None].to(dev), cache=cache, slots=slots.to(dev), logits_for="last")
+        out = model(ids, positions=lengths[:, None].to(dev), cache=cache, slots=slots.to(dev), image_from=image_from,
+                    logits_for="last")
         logits = out.logits[:, -1].float().cpu()
         lengths += 1
 

@@ -38,9 +38,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from omnimini.engine.generate import first_image
 from omnimini.engine.prefix_cache import PrefixCache, block_keys, image_digest
 from omnimini.engine.sampling import SamplingParams, adjust_logits, make_generator, sample_token
 from omnimini.engine.structured import Constraint, GrammarState
+from omnimini.model.model import NO_IMAGE
 
 log = logging.getLogger("omnimini.engine")
 
@@ -180,6 +182,7 @@ class _Req:
         self.cached_tokens = 0  # prompt tokens copied from the prefix cache
         self.block_keys: list[bytes] = []  # chain-hash keys of the prompt's full blocks (prefix cache on)
         self.image_embeds: torch.Tensor | None = None  # [n_placeholders, hidden]
+        self.image_from = NO_IMAGE  # position of the first image placeholder (the image adapters start there)
         self.t_submit = time.monotonic()
         self.t_first: float | None = None
 
@@ -195,7 +198,7 @@ class Engine:
                  kv_budget_tokens: int | None = None, prefill_chunk: int = 256, name: str = "model",
                  threads: int | None = int(os.environ.get("OMNIMINI_ENGINE_THREADS", "1")),
                  compile_decode: bool = False, prefix_cache_tokens: int | None = None,
-                 prefix_block_size: int = 32):
+                 prefix_block_size: int = 32, kv_cache: str = "auto"):
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch ({max_batch}) and prefill_chunk ({prefill_chunk}) must be >= 1")
         self.model = model.eval()
@@ -220,7 +223,9 @@ class Engine:
             # placeholder without an image (a 400 for a stored conversation continued with previous_response_id)
             invalid[cfg.image_token_id] = True
         self._invalid = invalid if bool(invalid.any()) else None
-        self.cache = model.new_cache(max_batch, self.max_context)
+        # the compiled decode step (fast_decode) attends in PyTorch: it keeps the float32 cache
+        kv_dtype = model.kv_cache_dtype("fp32" if compile_decode and kv_cache == "auto" else kv_cache)
+        self.cache = model.new_cache(max_batch, self.max_context, dtype=kv_dtype)
         # prefix cache: its own pool beside the slots (default a quarter of the slots' KV budget); 0 turns it off
         pc = self.kv_budget // 4 if prefix_cache_tokens is None else prefix_cache_tokens
         self.prefix_cache = PrefixCache(self.cache, pc, prefix_block_size) if pc >= prefix_block_size else None
@@ -448,6 +453,7 @@ class Engine:
             self._reserved += r.reserve
             self._active[r.id] = r
             if r.req.pixels is not None:
+                r.image_from = first_image(r.prompt, self.model.config.image_token_id)
                 try:
                     r.image_embeds = self.model.encode_images(r.req.pixels).flatten(0, 1)
                 except Exception as e:
@@ -518,7 +524,8 @@ class Engine:
                     embeds.append(r.image_embeds[before: before + inside])
         slots = torch.tensor([r.seqs[0].slot for r, _, _ in batch])
         out = self.model(ids, positions=pos, cache=self.cache, slots=slots,
-                         image_embeds=torch.cat(embeds) if embeds else None, logits_for="last")
+                         image_embeds=torch.cat(embeds) if embeds else None,
+                         image_from=self._image_from([r for r, _, _ in batch]), logits_for="last")
         last = torch.tensor([e - s - 1 for _, s, e in batch])
         h = out.hidden[torch.arange(len(batch)), last]
         logits = self.model.output_head(h[:, None])[:, 0].float()
@@ -568,15 +575,24 @@ class Engine:
         ids = torch.tensor([[s.pending] for s in seqs])
         pos = torch.tensor([[s.cached] for s in seqs])
         slots = torch.tensor([s.slot for s in seqs])
-        if self._fast is not None:
+        image_from = self._image_from([s.req for s in seqs])
+        if self._fast is not None and image_from is None:  # (the compiled step has no image adapters)
             logits = self._fast(ids[:, 0], pos[:, 0], slots).float()
         else:
-            out = self.model(ids, positions=pos, cache=self.cache, slots=slots, logits_for="last")
+            out = self.model(ids, positions=pos, cache=self.cache, slots=slots, image_from=image_from,
+                             logits_for="last")
             logits = out.logits[:, -1].float()
         for i, s in enumerate(seqs):
             s.cached += 1
             if s.finished is None:
                 self._accept(s, logits[i])
+
+    def _image_from(self, reqs: list[_Req]) -> torch.Tensor | None:
+        """Each row's first image position, for a model with image adapters when a row holds an image; else None
+        (text rows compute as the text model does)."""
+        if not self.model.config.image_adapter_dim or all(r.image_from == NO_IMAGE for r in reqs):
+            return None
+        return torch.tensor([r.image_from for r in reqs])
 
     def _accept(self, s: _Seq, logits: torch.Tensor) -> None:
         """Sample the next token of `s` from its logits row, emit text, decide whether it is finished."""

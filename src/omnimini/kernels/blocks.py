@@ -1,9 +1,16 @@
 """GGUF block formats in PyTorch: quantize float weights into blocks, dequantize blocks, the reference matmul.
 
-A weight [N, K] in a block format is a uint8 tensor [N, K/32 * block_bytes], each row its K/32 blocks of 32
-weights in GGUF's byte layout (see csrc/qlinear.cpp), so blocks read from a GGUF file are used as they are.
+A weight [N, K] in a block format is a uint8 tensor [N, K/block_size * block_bytes], each row its blocks in
+GGUF's byte layout (see csrc/qlinear.cpp), so blocks read from a GGUF file are used as they are.
 Quantization follows ggml's rounding: Q8_0 d = max|w| / 127; Q4_0 d = w_maxabs / -8 (signed), q = w/d + 8
 clamped to 0..15; Q4_1 d = (max - min) / 15, m = min, q = (w - m) / d rounded. Scales are stored as float16.
+
+Q4_K and Q6_K (llama.cpp's "k-quants", super-blocks of 256 weights) are only read from GGUF files, never made
+here (ggml's k-quant rounding searches scales iteratively; omnimini's --quantize offers the 32-blocks):
+  Q4_K (144 bytes): fp16 d, fp16 dmin, 12 bytes of eight 6-bit (scale, min) pairs, 128 bytes of nibbles;
+       sub-block j of 32 weights: w = d * sc_j * q - dmin * m_j.
+  Q6_K (210 bytes): 128 bytes low nibbles ql, 64 bytes of 2-bit high parts qh, int8 scales[16], fp16 d;
+       w = d * scales[i / 16] * (q - 32), q 6 bits.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 QK = 32
+QK_K = 256  # the k-quants' super-block
 
 
 @dataclass(frozen=True)
@@ -22,10 +30,15 @@ class BlockFormat:
     code: int  # the kernel's format number (csrc/qlinear.cpp: enum Format)
     block_bytes: int
     bits_per_weight: float
+    block_size: int = QK  # weights per block
 
 
+# formats omnimini can also quantize float weights into (--quantize)
 FORMATS = {f.name: f for f in (BlockFormat("q8_0", 0, 34, 8.5), BlockFormat("q4_0", 1, 18, 4.5),
                                BlockFormat("q4_1", 2, 20, 5.0))}
+# formats read from GGUF files only: the kernels run them, quantize() does not make them
+GGUF_ONLY = {f.name: f for f in (BlockFormat("q4_k", 3, 144, 4.5, QK_K), BlockFormat("q6_k", 4, 210, 6.5625, QK_K))}
+ALL_FORMATS = {**FORMATS, **GGUF_ONLY}
 
 
 class BlockFormatError(ValueError):
@@ -33,9 +46,9 @@ class BlockFormatError(ValueError):
 
 
 def get_format(name: str) -> BlockFormat:
-    fmt = FORMATS.get(name.lower())
+    fmt = ALL_FORMATS.get(name.lower())
     if fmt is None:
-        raise BlockFormatError(f"unknown block format {name!r} (supported: {', '.join(FORMATS)})")
+        raise BlockFormatError(f"unknown block format {name!r} (supported: {', '.join(ALL_FORMATS)})")
     return fmt
 
 
@@ -61,6 +74,9 @@ def _unnibble(qs: torch.Tensor) -> torch.Tensor:
 def quantize(weight: torch.Tensor, fmt: str | BlockFormat) -> torch.Tensor:
     """float [N, K] (K a multiple of 32) -> uint8 blocks [N, K/32 * block_bytes]."""
     f = fmt if isinstance(fmt, BlockFormat) else get_format(fmt)
+    if f.name not in FORMATS:
+        raise BlockFormatError(f"{f.name} blocks are read from GGUF files only; omnimini quantizes into "
+                               f"{', '.join(FORMATS)}")
     N, K = weight.shape
     if K % QK:
         raise BlockFormatError(f"block formats need in_features divisible by {QK}, got {K}")
@@ -87,6 +103,10 @@ def dequantize(blocks: torch.Tensor, fmt: str | BlockFormat) -> torch.Tensor:
     f = fmt if isinstance(fmt, BlockFormat) else get_format(fmt)
     N = blocks.shape[0]
     b = blocks.reshape(N, -1, f.block_bytes)
+    if f.name == "q4_k":
+        return _dequantize_q4_k(b).reshape(N, -1)
+    if f.name == "q6_k":
+        return _dequantize_q6_k(b).reshape(N, -1)
     d = _half_at(b, 0)
     if f.name == "q8_0":
         w = d * b[..., 2:].contiguous().view(torch.int8).float()
@@ -97,15 +117,58 @@ def dequantize(blocks: torch.Tensor, fmt: str | BlockFormat) -> torch.Tensor:
     return w.reshape(N, -1)
 
 
+def q4_k_scales(sc12: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K's 12 scale bytes [..., 12] -> 6-bit scales and mins [..., 8] (llama.cpp's get_scale_min_k4): pairs
+    0..3 sit in the low 6 bits of bytes 0..3 (scales) and 4..7 (mins); pairs 4..7 take their low 4 bits from the
+    nibbles of bytes 8..11 and their top 2 bits from the top bits of bytes 0..3 / 4..7."""
+    sc12 = sc12.to(torch.int32)
+    lo_s, lo_m, mix = sc12[..., 0:4], sc12[..., 4:8], sc12[..., 8:12]
+    scale = torch.cat([lo_s & 63, (mix & 0x0F) | ((lo_s >> 6) << 4)], -1)
+    mins = torch.cat([lo_m & 63, (mix >> 4) | ((lo_m >> 6) << 4)], -1)
+    return scale, mins
+
+
+def _dequantize_q4_k(b: torch.Tensor) -> torch.Tensor:
+    d, dmin = _half_at(b, 0), _half_at(b, 2)  # [N, nsb, 1]
+    scale, mins = q4_k_scales(b[..., 4:16])
+    qs = b[..., 16:144].reshape(*b.shape[:-1], 4, 1, 32)
+    # 32 bytes per 64 weights: the low nibbles are sub-block 2c, the high nibbles sub-block 2c + 1
+    q = torch.cat([qs & 0x0F, qs >> 4], -2).reshape(*b.shape[:-1], 8, 32).float()
+    # the products in ggml's order ((d * sc) * q - dmin * m, float32), so the values equal gguf's bit for bit
+    return ((d * scale.float())[..., None] * q - (dmin * mins.float())[..., None]).reshape(*b.shape[:-1], QK_K)
+
+
+def _dequantize_q6_k(b: torch.Tensor) -> torch.Tensor:
+    lead = b.shape[:-1]
+    ql = b[..., 0:128].reshape(*lead, 2, 1, 64)
+    qh = b[..., 128:192].reshape(*lead, 2, 1, 32).to(torch.int32)
+    scales = b[..., 192:208].contiguous().view(torch.int8).float()  # [..., 16]
+    d = _half_at(b, 208)
+    # per half of 128 weights, groups of 32: ql[0:32] low, ql[32:64] low, ql[0:32] high, ql[32:64] high nibbles,
+    # each with the 2-bit pair of qh at shift 0, 2, 4, 6
+    low = torch.cat([ql & 0x0F, ql >> 4], -2).reshape(*lead, 2, 4, 32).to(torch.int32)
+    high = (qh >> torch.tensor([0, 2, 4, 6], dtype=torch.int32).view(4, 1)) & 3
+    q = ((low | (high << 4)) - 32).reshape(*lead, 16, 16).float()
+    return ((d * scales)[..., None] * q).reshape(*lead, QK_K)
+
+
+def _scale_offsets(f: BlockFormat) -> tuple[int, ...]:
+    """Where a block's float16 scales sit (bytes from the block's start)."""
+    return {"q4_1": (0, 2), "q4_k": (0, 2), "q6_k": (208,)}.get(f.name, (0,))
+
+
 def check_blocks(blocks: torch.Tensor, fmt: str | BlockFormat, in_features: int, what: str) -> None:
     """Refuse blocks of the wrong size or with a NaN/inf scale, naming `what` (a tensor name)."""
     f = fmt if isinstance(fmt, BlockFormat) else get_format(fmt)
-    nb = in_features // QK
+    if in_features % f.block_size:
+        raise BlockFormatError(f"{what}: {f.name} blocks need in_features divisible by {f.block_size}, "
+                               f"got {in_features}")
+    nb = in_features // f.block_size
     if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != nb * f.block_bytes:
         raise BlockFormatError(f"{what}: expected uint8 [rows, {nb * f.block_bytes}] {f.name} blocks for "
                                f"in_features={in_features}, got {blocks.dtype} {list(blocks.shape)}")
     b = blocks.reshape(blocks.shape[0], nb, f.block_bytes)
-    for at in (0, 2) if f.name == "q4_1" else (0,):
+    for at in _scale_offsets(f):
         # a float16 is inf or NaN exactly when its 5 exponent bits (high byte, little-endian) are all set
         bad = (b[..., at + 1] & 0x7C) == 0x7C
         if bad.any():

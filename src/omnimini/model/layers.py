@@ -135,6 +135,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = self._cache_update(cache, k, v, positions, slots)
+            # a float16 cache (kv_cache="fp16") is read back at the queries' precision: SDPA needs one dtype
+            k, v = k.to(q.dtype), v.to(q.dtype)
         gqa = self.h != self.kvh
         if attn_mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa, scale=self.scale)
@@ -146,8 +148,13 @@ class Attention(nn.Module):
         """One new token per sequence, inference on CPU in float32 with fused q/k/v: omnimini's attention kernel
         (rotary, cache write and attention over the cache in one op) when the kernels are available."""
         kc = cache.k[self.layer]
-        return (self.qkv is not None and self.qk_norm in (None, "none") and kc.dtype == torch.float32
+        return (self.native_decode_possible() and kc.dtype in (torch.float32, torch.float16)
                 and kc.is_contiguous() and kernels.usable(x))
+
+    def native_decode_possible(self) -> bool:
+        """Whether this layer's single-token steps can run attn_decode (fused q/k/v, no q/k norm); the kernels'
+        availability and the input's dtype are checked per call."""
+        return self.qkv is not None and self.qk_norm in (None, "none")
 
     def _decode_step(self, x, rope, positions, cache: KVCache, slots):
         B = x.shape[0]

@@ -13,6 +13,8 @@ from omnimini.model.layers import Attention, KVCache, RMSNorm, Rotary, SwiGLU
 from omnimini.model.moe import MoE
 from omnimini.model.vision import VisionEncoder
 
+NO_IMAGE = 2 ** 62  # image_from of a row without an image: past every position
+
 
 @dataclass
 class ModelOutput:
@@ -58,8 +60,8 @@ class Block(nn.Module):
 
 
 class ImageAdapter(nn.Module):
-    """x + mask * up(gelu(down(norm(x)))) at image-token positions only; `up` starts at zero, so a new adapter
-    changes nothing until trained."""
+    """x + mask * up(gelu(down(norm(x)))) where the mask is set (positions from a row's first image token on);
+    `up` starts at zero, so a new adapter changes nothing until trained."""
 
     def __init__(self, hidden: int, dim: int, eps: float):
         super().__init__()
@@ -132,13 +134,16 @@ class OmniModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, labels=None, positions=None, attention_mask=None,
                 cache: KVCache | None = None, slots=None, pixels=None, image_embeds=None,
-                logits_for: str | torch.Tensor = "all") -> ModelOutput:
+                image_from: torch.Tensor | None = None, logits_for: str | torch.Tensor = "all") -> ModelOutput:
         """input_ids [B, T]. Without a cache: causal attention (plus key padding from attention_mask [B, T]).
         With a cache: tokens are written at `positions` [B, T] (rows `slots` of the cache) and attend to every
         cached key at a position <= their own. logits_for="last" computes logits only for the last position;
         "none" skips the LM head (embeddings read `hidden`, the final normed hidden states); a [B, T] bool mask
         computes them only where it is set ([N, vocab], labels taken at the same places): the vocabulary
         projection is a quarter of a small model's compute, wasted where no loss or score is read.
+        image_from [B]: the position of each row's first image token (NO_IMAGE for rows without one), which turns
+        the image adapters on from there; needed when the image is not in input_ids (decode, later prefill
+        chunks), otherwise read off input_ids.
         """
         B, T = input_ids.shape
         if positions is None:
@@ -154,10 +159,7 @@ class OmniModel(nn.Module):
         rope = self.rotary(positions)
         rope_local = rope if self.rotary_local is None else self.rotary_local(positions)
         stats = []
-        image_mask = None
-        if self.config.image_adapter_dim and self.config.image_token_id is not None:
-            image_mask = input_ids == self.config.image_token_id
-            image_mask = image_mask if bool(image_mask.any()) else None  # text only: the adapters do not run
+        image_mask = self._adapter_mask(input_ids, positions, image_from)
         for blk in self.blocks:
             if blk.sliding:
                 x, s = blk(x, rope_local, positions, cache, slots, window_mask, image_mask)
@@ -190,6 +192,21 @@ class OmniModel(nn.Module):
                 out.loss = out.loss + m.aux_loss_coef * out.aux_loss + m.z_loss_coef * out.z_loss
         return out
 
+    def _adapter_mask(self, input_ids, positions, image_from) -> torch.Tensor | None:
+        """[B, T] bool: where the image adapters run (positions at or after the row's first image token), or None
+        when they run nowhere (text only: not one operation differs from the text model)."""
+        if not self.config.image_adapter_dim or self.config.image_token_id is None:
+            return None
+        if image_from is None:
+            is_img = input_ids == self.config.image_token_id
+            if not bool(is_img.any()):
+                return None
+            first = torch.where(is_img, positions, NO_IMAGE).amin(1)
+        else:
+            first = image_from.to(positions.device)
+        m = positions >= first[:, None]
+        return m if bool(m.any()) else None
+
     @staticmethod
     def _mask(positions, attention_mask, cache_len: int | None, window: int | None = None):
         """Boolean [B, 1, T, keys] mask (True = attend), or None for plain causal attention.
@@ -220,6 +237,26 @@ class OmniModel(nn.Module):
     def new_cache(self, slots: int, max_len: int | None = None, dtype=None) -> KVCache:
         p = next(self.parameters())
         return KVCache(self.config, slots, max_len or self.config.max_seq_len, p.device, dtype or p.dtype)
+
+    def kv_cache_dtype(self, kind: str = "auto") -> torch.dtype:
+        """The KV cache's dtype for `kind` (config.KV_CACHE_KINDS): fp32 | fp16 | auto. auto is float16 when every
+        layer's decode step runs omnimini's attention kernel (CPU, float32 activations, fused q/k/v, kernels
+        available), which reads and writes float16 keys/values directly: half the cache memory for logits within
+        ~1e-3 of the float32 cache (tests/test_block_quant.py); otherwise the parameters' dtype (the PyTorch path
+        would convert the cache back on every step)."""
+        p = next(self.parameters())
+        if kind == "fp32":
+            return torch.float32
+        if kind == "fp16":
+            return torch.float16
+        if kind != "auto":
+            raise ValueError(f"unknown KV cache kind {kind!r} (choose one of: auto, fp32, fp16)")
+        from omnimini import kernels
+
+        native = all(blk.attn.native_decode_possible() for blk in self.blocks)
+        if native and p.device.type == "cpu" and p.dtype == torch.float32 and kernels.available():
+            return torch.float16
+        return p.dtype
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

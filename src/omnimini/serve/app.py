@@ -73,7 +73,8 @@ def build_app(config: ServeConfig, registry: ModelRegistry | None = None) -> Fas
     registry = registry or load_registry(
         config.models, config.aliases, config.quantize, config.mmproj, max_batch=config.max_batch,
         max_context=config.max_context, kv_budget_tokens=config.kv_budget_tokens, prefill_chunk=config.prefill_chunk,
-        compile_decode=config.compile_decode, prefix_cache_tokens=config.prefix_cache_tokens)
+        compile_decode=config.compile_decode, prefix_cache_tokens=config.prefix_cache_tokens,
+        kv_cache=config.kv_cache)
     limiter = ConcurrencyLimiter(config.limits.max_concurrent, config.limits.retry_after_s)
     metrics = Metrics(registry)
     files, batches = FileStore(store), BatchStore(store)

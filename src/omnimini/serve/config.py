@@ -28,6 +28,7 @@ class ServeConfig:
     prefill_chunk: int = 256
     compile_decode: bool = False  # torch.compile the decode step (1-3 min at first start, cached on disk)
     prefix_cache_tokens: int | None = None  # KV tokens of pooled prompt prefixes (None: engine default, 0: off)
+    kv_cache: str = "auto"  # KV cache dtype: auto (float16 where the decode kernel reads it) | fp16 | fp32
     limits: ServeLimits = field(default_factory=ServeLimits)
     cors_origins: list[str] = field(default_factory=list)
     allow_remote_images: bool = False
@@ -76,6 +77,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="KV tokens kept for automatic prompt-prefix caching, LRU (default: a quarter of the KV "
                         "budget)")
     p.add_argument("--no-prefix-cache", action="store_true", help="turn automatic prompt-prefix caching off")
+    p.add_argument("--kv-cache", default=d.kv_cache, choices=("auto", "fp16", "fp32"),
+                   help="KV cache dtype (default auto: float16, half the memory, where omnimini's decode kernel "
+                        "reads it: quantized models on CPU without --compile; else float32)")
     p.add_argument("--max-concurrent", type=int, default=lim.max_concurrent, help="in-flight requests before 429")
     p.add_argument("--max-tokens-limit", type=int, default=lim.max_tokens, help="largest max_tokens accepted")
     p.add_argument("--max-body-bytes", type=int, default=lim.max_body_bytes)
@@ -106,4 +110,4 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
                        prefix_cache_tokens=0 if args.no_prefix_cache else args.prefix_cache_tokens,
                        cors_origins=args.cors_origins, allow_remote_images=args.allow_remote_images,
                        log_level=args.log_level, state_dir=args.state_dir,
-                       batch_concurrency=args.batch_concurrency)
+                       batch_concurrency=args.batch_concurrency, kv_cache=args.kv_cache)

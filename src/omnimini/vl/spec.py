@@ -57,7 +57,7 @@ def vl_tokenizer(text_tok):
                      image_start=IMAGE_START, image_end=IMAGE_END)
 
 
-ADAPTER_DIM = 64  # image-position adapter width per block (model.ImageAdapter): 2.2M parameters over 30 blocks
+ADAPTER_DIM = 128  # image adapter width per block (model.ImageAdapter): 4.4M parameters over 30 blocks
 
 
 def vl_config(text_cfg: ModelConfig, tok) -> ModelConfig:
@@ -69,19 +69,24 @@ def is_vl_tensor(name: str) -> bool:
     return name.startswith("vision.") or ".image_adapter." in name
 
 
-def attach_vision(text_model, tok, vl_state: dict | None = None, where: str = "vision weights"):
-    """A new OmniModel sharing the text model's tensors, plus a vision encoder and image adapters: freshly
-    initialised, or from `vl_state` (the `is_vl_tensor` tensors, full names)."""
+def attach_vision(text_model, tok, vl_state: dict | None = None, where: str = "vision weights",
+                  in_place: bool = False):
+    """An OmniModel with the text model's tensors plus a vision encoder and image adapters: freshly initialised,
+    or from `vl_state` (the `is_vl_tensor` tensors, full names). A new model sharing the text model's tensors, or
+    (in_place) the text model itself, e.g. one whose layers already hold GGUF blocks for the server."""
     from omnimini.model.model import ImageAdapter, OmniModel
     from omnimini.model.vision import VisionEncoder
 
     cfg = vl_config(text_model.config, tok)
-    with torch.device("meta"):
-        model = OmniModel(replace(cfg, vision=None, image_adapter_dim=0))
-    model.load_state_dict(text_model.state_dict(), assign=True, strict=True)
-    model.rotary.inv_freq = text_model.rotary.inv_freq
+    if in_place:
+        model = text_model
+    else:
+        with torch.device("meta"):
+            model = OmniModel(replace(cfg, vision=None, image_adapter_dim=0))
+        model.load_state_dict(text_model.state_dict(), assign=True, strict=True)
+        model.rotary.inv_freq = text_model.rotary.inv_freq
     model.config = cfg
-    dtype = text_model.embed.weight.dtype
+    dtype = text_model.norm.weight.dtype  # (the embedding may hold quantized blocks)
     model.vision = VisionEncoder(cfg.vision, cfg.hidden_size)
     for blk in model.blocks:
         blk.image_adapter = ImageAdapter(cfg.hidden_size, cfg.image_adapter_dim, cfg.rms_norm_eps)
@@ -138,13 +143,13 @@ def vision_file() -> Path:
     return Path(os.environ.get("OMNIMINI_VL_VISION") or VISION_FILE)
 
 
-def load_vl(text_model, text_tok, path: Path | None = None, strict: bool = False):
+def load_vl(text_model, text_tok, path: Path | None = None, strict: bool = False, in_place: bool = False):
     """(model, tokenizer) of omnimini-vl; with strict=False a missing or bad vision file gives the text model back
     with a one-line warning naming the file, so the server still serves text."""
     path = vision_file() if path is None else path
     try:
         tok = vl_tokenizer(text_tok)
-        return attach_vision(text_model, tok, read_vision_file(path), where=str(path)), tok
+        return attach_vision(text_model, tok, read_vision_file(path), where=str(path), in_place=in_place), tok
     except (VisionWeightsError, ValueError) as e:
         if strict:
             raise

@@ -5,9 +5,10 @@ cell of generated images shows (dense targets read off the generators: `vl/targe
 model: a tower trained jointly with the LM from scratch never becomes informative, while a pre-trained one is
 read by the LM within minutes (`recipes/README.md`).
 Stage `align`: image-grounded chat (scene and plain-shape captions, short questions, scene QA and pointing in the
-evaluator's own prompt format) through the frozen LM; only the vision weights learn, and the dense heads keep
-training beside the LM loss, so the encoder cannot forget what a cell shows while the projector learns to speak to
-the LM.
+evaluator's own prompt format) through the frozen LM; the vision weights and the image adapters (every position
+from the image on) learn, and the dense heads keep training beside the LM loss, so the encoder cannot forget what a
+cell shows while the projector and adapters learn to make the LM read it. A grounding probe (held-out answer NLL
+with real / blank / mismatched images) is logged every PROBE_EVERY steps.
 
 Every sample is a pure function of (stage, step, index), so a resumed run continues exactly; checkpoints are
 written to a temporary file and renamed. `python -m omnimini.vl.train --out runs/omnimini-vl` runs both stages and
@@ -50,16 +51,15 @@ class StageConfig:
 
 
 WARMUP = StageConfig(steps=800, batch=48, lr=2e-3, warmup=40, save_every=100)
-# The shipped run's align stage was a 600-step cosine schedule stopped at step 380: the frozen LM had learnt the
-# answer formats but read nothing (shapes 32.5 % vs 30 % with mismatched images at step 340), so the adapters'
-# stage below took over; `steps` here is where it stopped.
-ALIGN = StageConfig(steps=380, batch=8, lr=1e-3, warmup=20, aux_weight=0.5, lm_weight=1.0, save_every=10)
-# Stage 3: the same data, now also training the image adapters (model.ImageAdapter) in every block
-EXPERT = StageConfig(steps=400, batch=8, lr=1e-3, warmup=10, aux_weight=0.5, lm_weight=1.0, save_every=10)
-STAGES = ("warmup", "align", "expert")
+# Stage 2: image-grounded chat through the frozen LM, training the vision weights and the image adapters
+# (model.ImageAdapter, every position from the image on). The earlier run's adapter stage never stepped the
+# adapters (they were left out of the optimizer): that, not the adapters, is why it read nothing.
+ALIGN = StageConfig(steps=700, batch=8, lr=1e-3, warmup=20, aux_weight=0.5, lm_weight=1.0, save_every=10)
+STAGES = ("warmup", "align")
+PROBE_EVERY = 25  # steps between grounding probes (answer NLL with the real vs a blank image, held-out samples)
 # image-grounded chat sources of the align stage and their weights (one source per step: similar lengths, little
 # padding). Planning and navigation are left out: their 250-token prompts would cost ~5x a step each (see README).
-MIX = {"shapes_qa": 6, "shapes_caption": 2, "scene_caption": 2, "scene_qa": 3, "pointing": 1}
+MIX = {"shapes_qa": 6, "shapes_caption": 2, "scene_caption": 1, "scene_qa": 4, "pointing": 2}
 
 
 def _seed(*key) -> int:
@@ -123,10 +123,13 @@ class AlignData:
 
     def batch(self, step: int, n: int) -> dict:
         src = self.source(step)
+        return self.batch_of(src, ("align", src, step), n)
+
+    def batch_of(self, src: str, key: tuple, n: int) -> dict:
         samples, dense = [], []
         i = 0
         while len(samples) < n:
-            image, prompt, answer, targets = self._messages(src, _seed("align", src, step, i))
+            image, prompt, answer, targets = self._messages(src, _seed(*key, i))
             i += 1
             msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]},
                     {"role": "assistant", "content": answer}]
@@ -203,22 +206,31 @@ def lm_loss_per_sample(model, batch: dict, prefix_kv: PrefixKV | None = None) ->
 # ---------------------------------------------------------------- the loop
 
 
-def vl_parameters(model, adapters: bool) -> list:
-    params = list(model.vision.parameters())
-    if adapters:
-        params += [p for blk in model.blocks for p in blk.image_adapter.parameters()]
-    return params
+def vl_parameters(model) -> list:
+    """What omnimini-vl trains: the vision encoder + projector and the image adapters (the LM stays frozen)."""
+    return list(model.vision.parameters()) + [p for blk in model.blocks for p in blk.image_adapter.parameters()]
 
 
 def vl_state(model) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if spec.is_vl_tensor(k)}
 
 
-def load_vl_state(model, st: dict) -> None:
-    if "vl" in st:
-        model.load_state_dict(st["vl"], strict=False)
-    else:  # checkpoints written before the adapters existed hold the vision encoder alone
-        model.vision.load_state_dict(st["vision"])
+def probe_batches(data: AlignData, n: int = 8) -> list[dict]:
+    """Fixed held-out batches (seeds drawn under their own key) of short image questions and scene QA."""
+    return [data.batch_of(src, ("probe", src), n) for src in ("shapes_qa", "scene_qa")]
+
+
+@torch.no_grad()
+def grounding_probe(model, batches: list[dict]) -> dict:
+    """Answer NLL with the real images, a blank (grey) image and the batch's images rolled by one: the gap between
+    real and the controls is what the LM reads from the image (no gap: it sees nothing)."""
+    out = {}
+    for b in batches:
+        src = b["source"]
+        for name, px in (("real", b["pixels"]), ("blank", torch.zeros_like(b["pixels"])),
+                         ("mismatched", b["pixels"].roll(1, 0))):
+            out[f"{src}_{name}"] = round(lm_loss_per_sample(model, {**b, "pixels": px})[0].item(), 4)
+    return out
 
 
 def _lr(step: int, cfg: StageConfig) -> float:
@@ -233,16 +245,17 @@ def _save(path: Path, state: dict) -> None:
 
 def run_stage(name: str, cfg: StageConfig, model, heads: DenseHeads, out: Path, data: AlignData | None,
               log) -> dict:
-    """Train the vision weights (+ heads; the adapters too in `expert`) for one stage, resuming from
+    """Train the vision weights (+ heads; the adapters too when `data` is given) for one stage, resuming from
     out/<name>.pt; returns the last metrics."""
     prefix_kv = PrefixKV(model)
     ckpt = out / f"{name}.pt"
-    params = list(model.vision.parameters()) + list(heads.parameters())
+    # the warm-up has no LM in its loss: the adapters would only decay there
+    params = (vl_parameters(model) if data is not None else list(model.vision.parameters())) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
     start = 0
     if ckpt.exists():
         st = torch.load(ckpt, weights_only=False)
-        load_vl_state(model, st)
+        model.load_state_dict(st["vl"], strict=False)
         heads.load_state_dict(st["heads"], strict=False)  # a head added since is trained from its init
         opt.load_state_dict(st["opt"])
         start = st["step"]
@@ -255,6 +268,7 @@ def run_stage(name: str, cfg: StageConfig, model, heads: DenseHeads, out: Path, 
                unit="step", file=sys.stderr, dynamic_ncols=True)
     model.vision.train()
     metrics: dict = {}
+    probes = probe_batches(data) if data is not None else None
     t0 = time.time()
     for step in bar:
         for g in opt.param_groups:
@@ -277,6 +291,9 @@ def run_stage(name: str, cfg: StageConfig, model, heads: DenseHeads, out: Path, 
         gn = torch.nn.utils.clip_grad_norm_(params, 1.0).item()
         opt.step()
         metrics.update(step=step + 1, grad_norm=gn, lr=_lr(step, cfg), elapsed=time.time() - t0)
+        if probes is not None and ((step + 1) % PROBE_EVERY == 0 or step + 1 == cfg.steps):
+            metrics["probe"] = grounding_probe(model, probes)
+            print(f"omnimini-vl {name} step {step + 1} probe NLL {metrics['probe']}", file=sys.stderr)
         log.write(json.dumps({"stage": name, **metrics}) + "\n")
         log.flush()
         bar.set_postfix({k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in metrics.items()
@@ -305,7 +322,7 @@ def word_embeddings(model, tok) -> torch.Tensor:
 
 
 def build(out: Path, warmup: StageConfig = WARMUP, align: StageConfig = ALIGN, threads: int = 2,
-          vision_file: Path | None = None, expert: StageConfig = EXPERT) -> dict:
+          vision_file: Path | None = None) -> dict:
     """Both stages from the default text model; writes out/omnimini-vl-vision.safetensors (and vision_file)."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -313,16 +330,15 @@ def build(out: Path, warmup: StageConfig = WARMUP, align: StageConfig = ALIGN, t
     model, tok = fresh_vl_model()
     for p in model.parameters():
         p.requires_grad_(False)
-    for p in vl_parameters(model, adapters=True):
+    for p in vl_parameters(model):
         p.requires_grad_(True)
     heads = DenseHeads(model.config.hidden_size, model.config.vision.tokens_per_image, word_embeddings(model, tok))
-    report = {"warmup": asdict(warmup), "align": asdict(align), "expert": asdict(expert)}
+    report = {"warmup": asdict(warmup), "align": asdict(align)}
     t0 = time.time()
     with (out / "log.jsonl").open("a") as log:
         report["warmup_metrics"] = run_stage("warmup", warmup, model, heads, out, None, log)
         data = AlignData(tok, model.config.vision)
         report["align_metrics"] = run_stage("align", align, model, heads, out, data, log)
-        report["expert_metrics"] = run_stage("expert", expert, model, heads, out, data, log)
     report["wall_s_this_run"] = round(time.time() - t0, 1)
     target = out / spec.VISION_FILE.name
     spec.write_vision_file(model, target)
@@ -341,7 +357,7 @@ def export(out: Path, target: Path) -> Path:
         raise FileNotFoundError(f"{out}: no stage checkpoint ({', '.join(STAGES)}) to export")
     model, _ = fresh_vl_model()
     st = torch.load(ckpt, weights_only=False)
-    load_vl_state(model, st)
+    model.load_state_dict(st["vl"], strict=False)
     spec.write_vision_file(model, target)
     print(f"omnimini-vl: exported {ckpt.name} step {st['step']} to {target}", file=sys.stderr)
     return target
@@ -352,7 +368,6 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/omnimini-vl", help="run directory (resumes when it holds checkpoints)")
     ap.add_argument("--warmup-steps", type=int, default=WARMUP.steps)
     ap.add_argument("--align-steps", type=int, default=ALIGN.steps)
-    ap.add_argument("--expert-steps", type=int, default=EXPERT.steps)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--install", action="store_true",
                     help=f"also write the result to the package's shipped file ({spec.VISION_FILE})")
@@ -363,13 +378,12 @@ def main(argv=None) -> int:
         export(Path(a.out), Path(a.export))
         return 0
     for flag, v in (("--warmup-steps", a.warmup_steps), ("--align-steps", a.align_steps),
-                    ("--expert-steps", a.expert_steps), ("--threads", a.threads)):
+                    ("--threads", a.threads)):
         if v < 1:
             ap.error(f"{flag} must be >= 1, got {v}")
     w = StageConfig(**{**asdict(WARMUP), "steps": a.warmup_steps, "warmup": min(WARMUP.warmup, a.warmup_steps)})
     al = StageConfig(**{**asdict(ALIGN), "steps": a.align_steps, "warmup": min(ALIGN.warmup, a.align_steps)})
-    ex = StageConfig(**{**asdict(EXPERT), "steps": a.expert_steps, "warmup": min(EXPERT.warmup, a.expert_steps)})
-    build(Path(a.out), w, al, a.threads, spec.VISION_FILE if a.install else None, ex)
+    build(Path(a.out), w, al, a.threads, spec.VISION_FILE if a.install else None)
     return 0
 
 

@@ -1,6 +1,6 @@
 """A GGUF model served on its own blocks: the weights stored in a format omnimini's kernels run (Q8_0 / Q4_0 /
-Q4_1) are used as they are, never rounded again; other quantized types are re-quantized from their dequantized
-values with a warning naming the type."""
+Q4_1 / Q4_K / Q6_K) are used as they are, never rounded again; other quantized types are re-quantized from their
+dequantized values with a warning naming the type."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import warnings
 from pathlib import Path
 
-from omnimini.kernels.blocks import FORMATS
+from omnimini.kernels.blocks import ALL_FORMATS
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
 BLOCKS_FILE = "gguf-blocks.safetensors"  # beside the default model's converted checkpoint
@@ -51,9 +51,9 @@ def load_native(spec, path, mode: str):
 def _read_blocks(reader, cfg) -> tuple[dict, list[str]]:
     from omnimini.weights.gguf_loader import block_tensors
 
-    raw = block_tensors(reader, cfg, tuple(f.upper() for f in FORMATS))
+    raw = block_tensors(reader, cfg, tuple(f.upper() for f in ALL_FORMATS))
     other = sorted({t.tensor_type.name for t in reader.tensors if len(t.shape) == 2}
-                   - {f.upper() for f in FORMATS} - set(FLOAT_TYPES))
+                   - {f.upper() for f in ALL_FORMATS} - set(FLOAT_TYPES))
     return raw, other
 
 

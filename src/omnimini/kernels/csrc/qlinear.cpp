@@ -1,4 +1,4 @@
-// y = x W^T for weights stored in GGUF block formats (Q8_0, Q4_0, Q4_1), AVX2 + FMA + F16C.
+// y = x W^T for weights stored in GGUF block formats (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K), AVX2 + FMA + F16C.
 //
 // The activations are quantized inside the op to int8 per block of 32 (scale d = max|x| / 127, and the block's
 // sum d * sum(q) for the formats with an offset), so each block's dot product is an integer one: 32 byte
@@ -8,6 +8,15 @@
 //   Q4_0: fp16 d, uint8 qs[16] (two nibbles)      w = d * (q - 8)
 //   Q4_1: fp16 d, fp16 m, uint8 qs[16]            w = d * q + m
 // where byte j of qs holds element j in its low nibble and element j + 16 in its high nibble.
+// The k-quants (llama.cpp's, super-blocks of 256 weights = 8 activation blocks):
+//   Q4_K: fp16 d, fp16 dmin, 12 bytes of 6-bit (scale, min) pairs, qs[128]
+//         sub-block j (32 weights): w = d * sc_j * q - dmin * m_j; qs bytes 32c..32c+31 hold sub-block 2c in
+//         their low nibbles and 2c + 1 in their high nibbles
+//   Q6_K: ql[128], qh[64], int8 scales[16], fp16 d      w = d * scales[i / 16] * (q - 32)
+//         per half of 128 weights: 32-groups g = 0..3 take the low (g = 0, 1) or high (g = 2, 3) nibbles of
+//         ql[32 (g & 1) ...] and the 2 bits of qh[...] at shift 2g
+// Their scales change every 32 (Q4_K) or 16 (Q6_K) weights, so a 32-weight activation block still has one
+// integer dot product per weight scale: Q6_K's two 16-halves land in the two 128-bit lanes of madd's result.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -26,9 +35,12 @@
 namespace {
 
 constexpr int QK = 32;
-enum Format : int64_t { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2 };
+constexpr int QK_K = 256;
+enum Format : int64_t { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2, Q4_K = 3, Q6_K = 4 };
 
-template <int F> constexpr int block_bytes() { return F == Q8_0 ? 34 : F == Q4_0 ? 18 : 20; }
+template <int F> constexpr int block_bytes() {
+  return F == Q8_0 ? 34 : F == Q4_0 ? 18 : F == Q4_1 ? 20 : F == Q4_K ? 144 : 210;
+}
 
 inline float half_at(const uint8_t* p) {
   uint16_t h;
@@ -138,6 +150,116 @@ void tile(const uint8_t* W, int64_t row_bytes, int64_t n0, int64_t n1, const Act
   }
 }
 
+// Q4_K's 12 scale bytes -> 8 scales and 8 mins (6 bits each; see kernels/blocks.py q4_k_scales).
+inline void q4_k_scales(const uint8_t* p, int* sc, int* mn) {
+  for (int j = 0; j < 4; ++j) {
+    sc[j] = p[j] & 63;
+    mn[j] = p[j + 4] & 63;
+    sc[j + 4] = (p[j + 8] & 0x0F) | ((p[j] >> 6) << 4);
+    mn[j + 4] = (p[j + 8] >> 4) | ((p[j + 4] >> 6) << 4);
+  }
+}
+
+inline __m256 dot_f32(__m256i w_unsigned, __m256i x_signed) {
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w_unsigned, x_signed), _mm256_set1_epi16(1)));
+}
+
+inline __m256i act_block(const Acts& a, int64_t row) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + row * QK));
+}
+
+// Q4_K rows n0..n1-1 against activation rows m0..m0+R-1 (R <= 4): each super-block's scales are decoded and its
+// nibbles unpacked once for all R rows.
+template <int R>
+void tile_q4_k(const uint8_t* W, int64_t row_bytes, int64_t n0, int64_t n1, const Acts& a, int64_t m0,
+               float* out, int64_t N) {
+  const int64_t nsb = a.nb / 8;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* w = W + n * row_bytes;
+    __m256 acc[R][2];
+    float off[R];
+    for (int r = 0; r < R; ++r) {
+      acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+      off[r] = 0.0f;
+    }
+    for (int64_t sb = 0; sb < nsb; ++sb) {
+      const uint8_t* blk = w + sb * 144;
+      const float d = half_at(blk), dmin = half_at(blk + 2);
+      int sc[8], mn[8];
+      q4_k_scales(blk + 4, sc, mn);
+      for (int c = 0; c < 4; ++c) {
+        const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16 + 32 * c));
+        const __m256i lo = _mm256_and_si256(bytes, low4);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+        const float d0 = d * static_cast<float>(sc[2 * c]), d1 = d * static_cast<float>(sc[2 * c + 1]);
+        const float m0f = dmin * static_cast<float>(mn[2 * c]), m1f = dmin * static_cast<float>(mn[2 * c + 1]);
+        for (int r = 0; r < R; ++r) {
+          const int64_t row = (m0 + r) * a.nb + sb * 8 + 2 * c;
+          acc[r][0] = _mm256_fmadd_ps(dot_f32(lo, act_block(a, row)), _mm256_set1_ps(d0 * a.d[row]), acc[r][0]);
+          acc[r][1] = _mm256_fmadd_ps(dot_f32(hi, act_block(a, row + 1)), _mm256_set1_ps(d1 * a.d[row + 1]),
+                                      acc[r][1]);
+          off[r] -= m0f * a.s[row] + m1f * a.s[row + 1];  // the mins against the blocks' activation sums
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) out[(m0 + r) * N + n] = hsum(_mm256_add_ps(acc[r][0], acc[r][1])) + off[r];
+  }
+}
+
+// Q6_K: the 6-bit values minus 32 as signed bytes; maddubs takes |w| and moves w's sign onto the activation.
+template <int R>
+void tile_q6_k(const uint8_t* W, int64_t row_bytes, int64_t n0, int64_t n1, const Acts& a, int64_t m0,
+               float* out, int64_t N) {
+  const int64_t nsb = a.nb / 8;
+  const __m256i low4 = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(3), off32 = _mm256_set1_epi8(32);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* w = W + n * row_bytes;
+    __m256 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t sb = 0; sb < nsb; ++sb) {
+      const uint8_t* blk = w + sb * 210;
+      const int8_t* scales = reinterpret_cast<const int8_t*>(blk + 192);
+      const float d = half_at(blk + 208);
+      for (int h = 0; h < 2; ++h) {
+        const __m256i ql0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * h));
+        const __m256i ql1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * h + 32));
+        const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * h));
+        __m256i g[4];
+        // the 2 high bits are at most 3 before the shift by 4, so the 16-bit shifts never cross a byte
+        g[0] = _mm256_or_si256(_mm256_and_si256(ql0, low4), _mm256_slli_epi16(_mm256_and_si256(qh, two), 4));
+        g[1] = _mm256_or_si256(_mm256_and_si256(ql1, low4),
+                               _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), two), 4));
+        g[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low4),
+                               _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), two), 4));
+        g[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4),
+                               _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), two), 4));
+        for (int k = 0; k < 4; ++k) {
+          const int grp = 4 * h + k;  // 32-weight group in the super-block = activation block sb * 8 + grp
+          const __m256i wq = _mm256_sub_epi8(g[k], off32);
+          const __m256i wabs = _mm256_sign_epi8(wq, wq);
+          // madd's 8 sums: lanes 0-3 are weights 0-15 (scale 2 grp), lanes 4-7 weights 16-31 (scale 2 grp + 1)
+          const __m256 sc = _mm256_set_m128(_mm_set1_ps(d * scales[2 * grp + 1]), _mm_set1_ps(d * scales[2 * grp]));
+          for (int r = 0; r < R; ++r) {
+            const int64_t row = (m0 + r) * a.nb + sb * 8 + grp;
+            const __m256 dot = dot_f32(wabs, _mm256_sign_epi8(act_block(a, row), wq));
+            acc[r][k & 1] = _mm256_fmadd_ps(dot, _mm256_mul_ps(sc, _mm256_set1_ps(a.d[row])), acc[r][k & 1]);
+          }
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) out[(m0 + r) * N + n] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+  }
+}
+
+template <int F, int R>
+inline void run_tile(const uint8_t* W, int64_t row_bytes, int64_t n0, int64_t n1, const Acts& a, int64_t m0,
+                     float* out, int64_t N) {
+  if constexpr (F == Q4_K) tile_q4_k<R>(W, row_bytes, n0, n1, a, m0, out, N);
+  else if constexpr (F == Q6_K) tile_q6_k<R>(W, row_bytes, n0, n1, a, m0, out, N);
+  else tile<F, R>(W, row_bytes, n0, n1, a, m0, out, N);
+}
+
 template <int F>
 void matmul(const uint8_t* W, int64_t row_bytes, int64_t N, const Acts& a, int64_t M, float* out) {
   // rows in chunks small enough that a chunk's weights stay in L1/L2 while every activation tile passes by
@@ -149,11 +271,11 @@ void matmul(const uint8_t* W, int64_t row_bytes, int64_t N, const Acts& a, int64
     for (int64_t n0 = begin; n0 < end; n0 += CHUNK) {
       const int64_t n1 = std::min(n0 + CHUNK, end);
       int64_t m = 0;
-      for (; m + 4 <= M; m += 4) tile<F, 4>(W, row_bytes, n0, n1, a, m, out, N);
+      for (; m + 4 <= M; m += 4) run_tile<F, 4>(W, row_bytes, n0, n1, a, m, out, N);
       switch (M - m) {
-        case 3: tile<F, 3>(W, row_bytes, n0, n1, a, m, out, N); break;
-        case 2: tile<F, 2>(W, row_bytes, n0, n1, a, m, out, N); break;
-        case 1: tile<F, 1>(W, row_bytes, n0, n1, a, m, out, N); break;
+        case 3: run_tile<F, 3>(W, row_bytes, n0, n1, a, m, out, N); break;
+        case 2: run_tile<F, 2>(W, row_bytes, n0, n1, a, m, out, N); break;
+        case 1: run_tile<F, 1>(W, row_bytes, n0, n1, a, m, out, N); break;
         default: break;
       }
     }
@@ -165,6 +287,8 @@ int64_t bytes_for(int64_t fmt) {
     case Q8_0: return block_bytes<Q8_0>();
     case Q4_0: return block_bytes<Q4_0>();
     case Q4_1: return block_bytes<Q4_1>();
+    case Q4_K: return block_bytes<Q4_K>();
+    case Q6_K: return block_bytes<Q6_K>();
     default: TORCH_CHECK(false, "omnimini qlinear: unknown block format ", fmt);
   }
 }
@@ -177,8 +301,10 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t fmt, int64_
   TORCH_CHECK(N == n_out, "qlinear: weight has ", N, " rows, expected ", n_out);
   TORCH_CHECK(K % QK == 0, "qlinear: K=", K, " is not a multiple of 32");
   const int64_t nb = K / QK;
-  TORCH_CHECK(w.size(1) == nb * bytes_for(fmt), "qlinear: weight rows hold ", w.size(1), " bytes, expected ",
-              nb * bytes_for(fmt), " for K=", K);
+  const int64_t per_block = fmt == Q4_K || fmt == Q6_K ? QK_K : QK;
+  TORCH_CHECK(K % per_block == 0, "qlinear: K=", K, " is not a multiple of ", per_block, " (format ", fmt, ")");
+  TORCH_CHECK(w.size(1) == K / per_block * bytes_for(fmt), "qlinear: weight rows hold ", w.size(1),
+              " bytes, expected ", K / per_block * bytes_for(fmt), " for K=", K);
   const at::Tensor xc = x.contiguous();
   const at::Tensor wc = w.contiguous();
   at::Tensor out = at::empty({M, N}, x.options());
@@ -199,6 +325,8 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t fmt, int64_
     case Q8_0: matmul<Q8_0>(wp, wc.size(1), N, a, M, op); break;
     case Q4_0: matmul<Q4_0>(wp, wc.size(1), N, a, M, op); break;
     case Q4_1: matmul<Q4_1>(wp, wc.size(1), N, a, M, op); break;
+    case Q4_K: matmul<Q4_K>(wp, wc.size(1), N, a, M, op); break;
+    case Q6_K: matmul<Q6_K>(wp, wc.size(1), N, a, M, op); break;
   }
   return out;
 }

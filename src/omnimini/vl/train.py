@@ -54,7 +54,9 @@ WARMUP = StageConfig(steps=800, batch=48, lr=2e-3, warmup=40, save_every=100)
 # Stage 2: image-grounded chat through the frozen LM, training the vision weights and the image adapters
 # (model.ImageAdapter, every position from the image on). The earlier run's adapter stage never stepped the
 # adapters (they were left out of the optimizer): that, not the adapters, is why it read nothing.
-ALIGN = StageConfig(steps=700, batch=8, lr=1e-3, warmup=20, aux_weight=0.5, lm_weight=1.0, save_every=10)
+# The shipped file: a 700-step run, resumed with --align-steps 1000 (the cosine schedule stretched from there) and
+# stopped at step 950 (the probe's real-vs-mismatched gap was still widening).
+ALIGN = StageConfig(steps=1000, batch=8, lr=1e-3, warmup=20, aux_weight=0.5, lm_weight=1.0, save_every=10)
 STAGES = ("warmup", "align")
 PROBE_EVERY = 25  # steps between grounding probes (answer NLL with the real vs a blank image, held-out samples)
 # image-grounded chat sources of the align stage and their weights (one source per step: similar lengths, little

@@ -33,13 +33,9 @@ def load_for_inference(spec: str | None, quantize: str = "none", device: str = "
         from omnimini.weights.gguf_native import load_native
 
         model, tok, native = load_native(spec, gguf, quantize)
-        from omnimini.weights.convert import detect
-        from omnimini.weights.default import wants_vision
+        from omnimini.weights.convert import with_default_vision
 
-        if detect(spec) == "default" and wants_vision(spec):  # omnimini-vl: the same text blocks + its vision
-            from omnimini.vl.spec import load_vl
-
-            model, tok = load_vl(model, tok, in_place=True)
+        model, tok = with_default_vision(spec, model, tok, in_place=True)  # omnimini-vl on the same text blocks
     else:
         model, tok = load_any(spec, device=device, dtype=torch.float32)
     model.eval()

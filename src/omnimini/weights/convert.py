@@ -50,18 +50,25 @@ def load_omnimini(path, device="cpu", dtype=torch.float32):
     return model, tok
 
 
+def with_default_vision(path_or_name, model, tok, in_place: bool = False):
+    """The default text model as loaded, turned into omnimini-vl (its shipped vision weights attached) when
+    `path_or_name` asks for the default with vision; anything else comes back unchanged."""
+    from omnimini.weights.default import wants_vision
+
+    if detect(path_or_name) != "default" or not wants_vision(path_or_name):
+        return model, tok
+    from omnimini.vl.spec import load_vl
+
+    return load_vl(model, tok, in_place=in_place)
+
+
 def load_any(path_or_name=None, device="cpu", dtype=torch.float32):
     """(OmniModel, Tokenizer) from an omnimini dir, an HF dir, a .gguf file or the default model's name/None."""
     kind = detect(path_or_name)
     if kind == "default":
-        from omnimini.weights.default import default_model_dir, wants_vision
+        from omnimini.weights.default import default_model_dir
 
-        model, tok = load_omnimini(default_model_dir(), device, dtype)
-        if not wants_vision(path_or_name):
-            return model, tok
-        from omnimini.vl.spec import load_vl
-
-        return load_vl(model, tok)
+        return with_default_vision(path_or_name, *load_omnimini(default_model_dir(), device, dtype))
     if kind == "gguf":
         from omnimini.weights.gguf_loader import load_gguf
 

@@ -142,10 +142,12 @@ def run_recipe(recipe: str | dict, out_dir: str | None = None, data_dir: str | N
             results[name] = {"tokenizer": str(out)}
         elif kind == "train":
             results[name] = run_train_stage(s, out, data_dir, tok_dir, results, resume)
+        elif kind == "vision_warmup":
+            results[name] = run_vision_warmup_stage(s, out, results)
         elif kind == "scene_eval":
             results[name] = run_eval_stage(s, out, results)
         else:
-            raise ConfigError(f"stage {name!r}: unknown type {kind!r} (tokenizer|train|scene_eval)")
+            raise ConfigError(f"stage {name!r}: unknown type {kind!r} (tokenizer|train|vision_warmup|scene_eval)")
     if not single:
         (root / "recipe_report.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     return results
@@ -182,6 +184,19 @@ def run_train_stage(s: dict, out: Path, data_dir, tok_dir, results: dict, resume
     if tr.info.main:
         done.write_text(json.dumps(report, indent=2) + "\n")
         (out / "report.md").write_text(trainer.format_report(report))
+    return report
+
+
+def run_vision_warmup_stage(s: dict, out: Path, results: dict) -> dict:
+    import torch.distributed as dist
+
+    from omnimini.train.vision_warmup import VisionWarmupConfig, run_vision_warmup
+
+    cfg = VisionWarmupConfig.from_dict({**s, "init_from": _checkpoint_of(s.get("init_from", ""), results)})
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    report = run_vision_warmup(cfg, out) if rank0 else {"checkpoint": str(out / "checkpoint")}
+    if dist.is_initialized():  # a small stage: rank 0 trains the tower, the others wait for its checkpoint
+        dist.barrier()
     return report
 
 

@@ -324,12 +324,18 @@ def word_embeddings(model, tok) -> torch.Tensor:
 
 
 def build(out: Path, warmup: StageConfig = WARMUP, align: StageConfig = ALIGN, threads: int = 2,
-          vision_file: Path | None = None) -> dict:
-    """Both stages from the default text model; writes out/omnimini-vl-vision.safetensors (and vision_file)."""
+          vision_file: Path | None = None, init_from: Path | None = None) -> dict:
+    """Both stages from the default text model; writes out/omnimini-vl-vision.safetensors (and vision_file).
+    With `init_from` (a vision file, e.g. the shipped one) the vision weights and adapters start from it and the
+    warm-up is skipped: a further align run on a finished model whose checkpoints are gone (the dense heads,
+    not in the file, restart from their init)."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     out.mkdir(parents=True, exist_ok=True)
     model, tok = fresh_vl_model()
+    if init_from is not None and not (out / "align.pt").exists():
+        model.load_state_dict(spec.read_vision_file(init_from), strict=False)
+        print(f"omnimini-vl: vision weights from {init_from}; warm-up skipped", file=sys.stderr)
     for p in model.parameters():
         p.requires_grad_(False)
     for p in vl_parameters(model):
@@ -338,7 +344,8 @@ def build(out: Path, warmup: StageConfig = WARMUP, align: StageConfig = ALIGN, t
     report = {"warmup": asdict(warmup), "align": asdict(align)}
     t0 = time.time()
     with (out / "log.jsonl").open("a") as log:
-        report["warmup_metrics"] = run_stage("warmup", warmup, model, heads, out, None, log)
+        if init_from is None:
+            report["warmup_metrics"] = run_stage("warmup", warmup, model, heads, out, None, log)
         data = AlignData(tok, model.config.vision)
         report["align_metrics"] = run_stage("align", align, model, heads, out, data, log)
     report["wall_s_this_run"] = round(time.time() - t0, 1)
@@ -373,6 +380,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--install", action="store_true",
                     help=f"also write the result to the package's shipped file ({spec.VISION_FILE})")
+    ap.add_argument("--init-from", metavar="FILE", default=None,
+                    help="start the align stage from this vision file (skips the warm-up), e.g. the shipped one")
+    ap.add_argument("--align-lr", type=float, default=ALIGN.lr)
     ap.add_argument("--export", metavar="FILE", default=None,
                     help="only write FILE from the run's newest checkpoint (no training)")
     a = ap.parse_args(argv)
@@ -384,8 +394,14 @@ def main(argv=None) -> int:
         if v < 1:
             ap.error(f"{flag} must be >= 1, got {v}")
     w = StageConfig(**{**asdict(WARMUP), "steps": a.warmup_steps, "warmup": min(WARMUP.warmup, a.warmup_steps)})
-    al = StageConfig(**{**asdict(ALIGN), "steps": a.align_steps, "warmup": min(ALIGN.warmup, a.align_steps)})
-    build(Path(a.out), w, al, a.threads, spec.VISION_FILE if a.install else None)
+    if a.align_lr <= 0:
+        ap.error(f"--align-lr must be > 0, got {a.align_lr}")
+    init = Path(a.init_from) if a.init_from else None
+    if init is not None and not init.is_file():
+        ap.error(f"--init-from {init}: no such file")
+    al = StageConfig(**{**asdict(ALIGN), "steps": a.align_steps, "warmup": min(ALIGN.warmup, a.align_steps),
+                        "lr": a.align_lr})
+    build(Path(a.out), w, al, a.threads, spec.VISION_FILE if a.install else None, init)
     return 0
 
 

@@ -47,14 +47,24 @@ def test_tiny_pipeline_tokenizer_pretrain_sft_eval(tmp_path):
 def test_recipe_files_parse():
     from omnimini.train.config import TrainConfig, read_config_file
     from omnimini.train.recipe import _stage_dicts
+    from omnimini.train.vision_warmup import VisionWarmupConfig
 
-    for name in ("nano", "nano-ci"):
+    want = {"nano-ci": ["tokenizer", "train", "train"],
+            # the fixed nano recipe: the tower warmed up alone, then frozen through alignment and SFT
+            "nano": ["tokenizer", "train", "vision_warmup", "train", "train"]}
+    for name, head in want.items():
         d = read_config_file(find_recipe(name))
-        kinds = [s["type"] for s in _stage_dicts(d)]
-        assert kinds[:3] == ["tokenizer", "train", "train"] and set(kinds[3:]) == {"scene_eval"}
-        for s in _stage_dicts(d):
+        stages = _stage_dicts(d)
+        kinds = [s["type"] for s in stages]
+        assert kinds[: len(head)] == head and set(kinds[len(head):]) == {"scene_eval"}
+        for s in stages:
+            body = {k: v for k, v in s.items() if k not in ("name", "type")}
             if s["type"] == "train":
-                TrainConfig.from_dict({k: v for k, v in s.items() if k not in ("name", "type")})
+                cfg = TrainConfig.from_dict(body)
+                if name == "nano" and s.get("init_from") in ("vision_warmup", "align"):
+                    assert cfg.vision_lr_mult == 0.0, s["name"]
+            elif s["type"] == "vision_warmup":
+                VisionWarmupConfig.from_dict(body)
 
 
 @pytest.mark.slow

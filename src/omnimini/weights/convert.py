@@ -16,7 +16,9 @@ KINDS = ("omnimini", "hf", "gguf", "default")
 def detect(src) -> str:
     """What `src` is: 'gguf' (file), 'hf' or 'omnimini' (directory), or 'default' (the default model's name)."""
     from omnimini.weights.default import is_default_name
+    from omnimini.weights.packaged import resolve
 
+    src = resolve(src)
     if src is None or (not Path(src).exists() and is_default_name(str(src))):
         return "default"
     p = Path(src)
@@ -63,7 +65,11 @@ def with_default_vision(path_or_name, model, tok, in_place: bool = False):
 
 
 def load_any(path_or_name=None, device="cpu", dtype=torch.float32):
-    """(OmniModel, Tokenizer) from an omnimini dir, an HF dir, a .gguf file or the default model's name/None."""
+    """(OmniModel, Tokenizer) from an omnimini dir, an HF dir, a .gguf file, a packaged model's name or the default
+    model's name/None."""
+    from omnimini.weights.packaged import resolve
+
+    path_or_name = resolve(path_or_name)
     kind = detect(path_or_name)
     if kind == "default":
         from omnimini.weights.default import default_model_dir

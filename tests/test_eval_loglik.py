@@ -1,5 +1,6 @@
 """The shared-context log-likelihood path against the plain per-option full forward it replaces."""
 
+import pytest
 import torch
 
 from omnimini.eval.local import LocalRunner
@@ -107,9 +108,13 @@ def test_eval_without_model_uses_the_default_model(monkeypatch):
     from omnimini.eval import cli, clients
 
     seen = []
-    monkeypatch.setattr(clients, "make_local_client", lambda spec: seen.append(spec) or "client")
-    args = cli.main.__globals__["argparse"].Namespace(model=None, endpoint=None)
-    assert cli.make_client(args) == "client" and seen == [None]  # None = the default model (load_any)
+    monkeypatch.setattr(clients, "make_local_client", lambda spec, quantize: seen.append((spec, quantize)) or "client")
+    args = cli.main.__globals__["argparse"].Namespace(model=None, endpoint=None, quantize="auto")
+    # None = the default model (load_any), computed as `serve` serves it (quantize auto)
+    assert cli.make_client(args) == "client" and seen == [(None, "auto")]
+    bad = cli.main.__globals__["argparse"].Namespace(model=None, endpoint=None, quantize="q3")
+    with pytest.raises(ValueError, match="--quantize: unknown mode 'q3'"):
+        cli.make_client(bad)
     both = cli.main.__globals__["argparse"].Namespace(model="x", endpoint="http://127.0.0.1:1/v1")
     try:
         cli.make_client(both)

@@ -42,6 +42,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-control", default=None, metavar="blank,mismatched",
                    help="also score every image task with a blank image and/or another item's image (comma list); "
                         "the report puts them next to the real score")
+    p.add_argument("--quantize", default="auto", metavar="MODE",
+                   help="in-process model weights: 'auto' (default) computes as `omnimini serve` serves the model "
+                        "(its kernels), 'none' in float32 (the reference), or any serve --quantize mode")
     p.add_argument("--params", default=None, help="card: JSON file or inline JSON with total_params, ...")
     p.add_argument("--name", default=None, help="card: model name")
 
@@ -66,7 +69,11 @@ def make_client(args):
     if args.model and args.endpoint:
         raise EvalError("give one of --model DIR|NAME or --endpoint URL, not both")
     if not args.endpoint:  # no --model: the default model, as `omnimini serve` serves it
-        return clients.make_local_client(args.model)
+        from omnimini.config import QUANTIZE_MODES
+
+        if args.quantize not in QUANTIZE_MODES:
+            raise EvalError(f"--quantize: unknown mode {args.quantize!r}; expected one of {', '.join(QUANTIZE_MODES)}")
+        return clients.make_local_client(args.model, quantize=args.quantize)
     key = args.api_key or os.environ.get("OPENAI_API_KEY")
     return clients.OpenAIEndpointClient(args.endpoint, api_key=key, model=args.endpoint_model or "default",
                                         concurrency=args.concurrency, timeout=args.timeout,

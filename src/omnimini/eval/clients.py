@@ -266,8 +266,8 @@ class InProcessClient:
         return None
 
 
-def make_local_client(model_name_or_dir: str) -> Client:
+def make_local_client(model_name_or_dir: str, quantize: str = "none") -> Client:
     """``omnimini eval --model``: an InProcessClient over the model (batched generation + log-likelihood)."""
     from omnimini.eval.local import make_local_client as local
 
-    return local(model_name_or_dir)
+    return local(model_name_or_dir, quantize=quantize)

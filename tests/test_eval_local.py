@@ -39,3 +39,31 @@ def test_in_process_client_generates_with_images(tiny_ckpt):
     a, b = asyncio.run(go())
     assert a.error is None and b.error is None
     assert isinstance(a.text, str) and isinstance(b.text, str)
+
+
+def test_loglik_run_reports_tokens_scored_and_contexts_cut(tiny_ckpt, tmp_path, capsys):
+    """The local loglik path reports its throughput in tokens and counts the contexts it cut from the left to
+    fit the model's context (tiny model: 96 tokens; one question is far longer)."""
+    import json
+
+    from test_eval_tasks import write_mmlu
+
+    from omnimini.cli import main
+
+    long_q = "Which of these words comes last in the long list " + "of many many words " * 60 + "?"
+    short = ["Bones in a hand?", "27", "12", "5", "100", "A"]
+
+    def scoring(rows, name):
+        data = write_mmlu(tmp_path / name, rows={"anatomy": rows}, dev={})
+        rc = main(["eval", "--model", str(tiny_ckpt / "model"), "--tasks", "mmlu", "--mode", "loglik",
+                   "--quantize", "none", "--data", str(data), "--out", str(tmp_path / name / "o")])
+        assert rc == 0
+        return json.loads((tmp_path / name / "o" / "results.json").read_text())["tasks"]["mmlu"]["scoring"]
+
+    base = scoring([short], "short")
+    sc = scoring([short, [long_q, "a", "b", "c", "d", "D"]], "long")
+    # (the tiny tokenizer spends a token per character or two: even the short prompt may not fit 96 tokens)
+    assert sc["truncated"] == base["truncated"] + 4  # the long item's four continuations, each cut the same way
+    assert sc["tokens_scored"] > base["tokens_scored"] and sc["tokens_per_s"] > 0
+    out = capsys.readouterr().out
+    assert "tokens scored" in out and f"{sc['truncated']} contexts cut from the left" in out

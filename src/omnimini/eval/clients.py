@@ -198,8 +198,11 @@ class InProcessClient:
         model_id: str = "in-process",
         max_batch: int = 16,
         max_wait_s: float = 0.01,
+        stats_fn=None,
     ):
         self.generate_fn = generate_fn
+        if stats_fn is not None:  # {"tokens_scored", "truncated"} so far: the runner's progress bar and report
+            self.stats = stats_fn
         self.loglik_fn = loglik_fn
         self.model_id = model_id
         self.max_batch = max_batch

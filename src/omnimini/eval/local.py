@@ -39,6 +39,9 @@ class LocalRunner:
             reqs.append(EngineRequest(ids, sp, pixels=pixels))
         return [r.completions[0].text for r in self.engine.generate(reqs)]
 
+    def stats(self) -> dict:
+        return {"tokens_scored": self.tokens_scored, "truncated": self.truncated}
+
     @torch.inference_mode()
     def loglikelihood(self, items: list[tuple[str, list[str]]]) -> list[list[float]]:
         """Sum of log-probs of each continuation given its context, lm-evaluation-harness semantics (see
@@ -67,4 +70,4 @@ def make_local_client(spec: str, quantize: str = "none"):
         from omnimini.weights.default import DEFAULT_MODEL_NAME
 
         spec = DEFAULT_MODEL_NAME  # the name `serve` gives it, so caches and reports name the model
-    return InProcessClient(runner.generate, runner.loglikelihood, model_id=str(spec))
+    return InProcessClient(runner.generate, runner.loglikelihood, model_id=str(spec), stats_fn=runner.stats)

@@ -120,13 +120,14 @@ async def _score_items(client: Client, task: Task, cfg: RunConfig, cache: Respon
     sem = asyncio.Semaphore(cfg.concurrency)
     start = time.perf_counter()
     records: list[dict] = []
+    scored = _ScoringStats(client)
     bar = tqdm(total=len(items), desc=label, unit="item", dynamic_ncols=True)
     try:
         for fut in asyncio.as_completed([_run_item(task, it, ctx, sem) for it in items]):
             records.append(await fut)
             bar.update(1)
             bar.set_postfix(acc=f"{sum(r['score'] for r in records) / len(records):.3f}",
-                            failed=sum(1 for r in records if r.get("error")))
+                            failed=sum(1 for r in records if r.get("error")), **scored.postfix(start))
     finally:
         bar.close()
     order = {it.id: i for i, it in enumerate(items)}
@@ -140,8 +141,34 @@ async def _score_items(client: Client, task: Task, cfg: RunConfig, cache: Respon
         "timing": {"wall_s": round(wall, 3), "items_per_s": round(len(records) / wall, 3) if wall else None},
         "usage": {k: sum((r.get("usage") or {}).get(k, 0) for r in records)
                   for k in ("prompt_tokens", "completion_tokens")},
+        **scored.record(wall),
         "items": records,
     }
+
+
+class _ScoringStats:
+    """Tokens an in-process client scored and contexts it cut from the left, over one task (clients without
+    `stats()`, e.g. endpoints, report nothing)."""
+
+    def __init__(self, client: Client):
+        self.stats = getattr(client, "stats", None)
+        self.start = self.stats() if self.stats else None
+
+    def delta(self) -> dict:
+        now = self.stats()
+        return {k: now[k] - self.start[k] for k in now}
+
+    def postfix(self, t0: float) -> dict:
+        if self.stats is None:
+            return {}
+        d, wall = self.delta(), time.perf_counter() - t0
+        return {"tok_s": f"{d['tokens_scored'] / wall:,.0f}"} if d["tokens_scored"] and wall > 0 else {}
+
+    def record(self, wall: float) -> dict:
+        if self.stats is None:
+            return {}
+        d = self.delta()
+        return {"scoring": {**d, "tokens_per_s": round(d["tokens_scored"] / wall, 1) if wall else None}}
 
 
 def _config_record(cfg: RunConfig) -> dict:
@@ -205,4 +232,10 @@ def format_summary(results: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    for name, tr in results["tasks"].items():
+        sc = tr.get("scoring") or {}
+        if sc.get("tokens_scored"):
+            lines.append(f"{name}: {sc['tokens_scored']:,} tokens scored ({sc['tokens_per_s']:,.0f} tok/s)"
+                         + (f"; {sc['truncated']} contexts cut from the left to fit the model's context"
+                            if sc.get("truncated") else ""))
     return f"model: {results['model']}\n" + "\n".join(lines)

@@ -191,3 +191,34 @@ def test_image_control_items_change_only_the_image():
 def test_eval_cli_rejects_an_unknown_image_control(capsys):
     assert eval_main(["eval", "--model", "x", "--tasks", "scene_qa", "--image-control", "noise"]) == 2
     assert "--image-control" in capsys.readouterr().err
+
+
+def test_card_takes_parameters_and_tokens_from_the_model(tmp_path, tiny_ckpt, capsys):
+    """Without --params the card reads the model named in the results (or --model): its MoE config's total and
+    active counts, and its training tokens from training.json; --params overrides single keys."""
+    import shutil
+
+    from omnimini.config import param_counts
+    from omnimini.model import OmniModel
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(tiny_ckpt / "model", model_dir)
+    (model_dir / "training.json").write_text(json.dumps({"training_tokens": 3.5e6}))
+    a = fake_results(tmp_path, "tiny", {"mmlu": 0.5})
+    res = json.loads(a.read_text())
+    res["config"]["extra"] = {"endpoint": None, "model_arg": str(model_dir)}
+    a.write_text(json.dumps(res))
+    c = param_counts(OmniModel.from_pretrained(model_dir).config)
+    assert c["active_params"] < c["total_params"]  # a real MoE: the card must tell them apart
+    assert eval_main(["eval", "card", str(a)]) == 0
+    out = capsys.readouterr().out
+    assert "| Type | MoE (mixture of experts) |" in out
+    assert f"({c['total_params']:,})" in out and f"({c['active_params']:,})" in out
+    assert "| Training tokens | 3.5M |" in out
+    assert eval_main(["eval", "card", str(a), "--params", '{"tokens": 7e6}']) == 0
+    assert "| Training tokens | 7M |" in capsys.readouterr().out
+    # results from an endpoint name no model: the card asks for one
+    res["config"]["extra"] = {"endpoint": "http://127.0.0.1:9/v1", "model_arg": None}
+    a.write_text(json.dumps(res))
+    assert eval_main(["eval", "card", str(a)]) == 2
+    assert "give --params" in capsys.readouterr().err

@@ -89,6 +89,42 @@ def embodied_section(tasks: dict) -> list[str]:
     return lines
 
 
+TRAINING_FILE = "training.json"  # {"training_tokens": N, ...}: written beside a shipped checkpoint (all its stages)
+
+
+def params_from_model(spec: str | None) -> dict:
+    """Card parameters from the model itself: total and active parameters and MoE-ness from its config, training
+    tokens from its metadata (training.json, else the trainer state of a training checkpoint: that stage's
+    tokens; the default model: its published budget)."""
+    import json
+    from pathlib import Path
+
+    from omnimini.config import param_counts
+    from omnimini.weights.convert import detect, load_any
+    from omnimini.weights.packaged import resolve
+
+    model, _ = load_any(spec)
+    counts = param_counts(model.config)
+    out = {"total_params": counts["total_params"], "active_params": counts["active_params"],
+           "moe": model.config.moe is not None}
+    path = resolve(spec)
+    if detect(path) == "default":
+        from omnimini.weights.default import TEXT_MODEL_TRAINING_TOKENS
+
+        out["tokens"] = TEXT_MODEL_TRAINING_TOKENS
+    elif path is not None and Path(path).is_dir():
+        from omnimini.train.state import STATE_FILE
+
+        meta, state = Path(path) / TRAINING_FILE, Path(path) / STATE_FILE
+        if meta.is_file():
+            out["tokens"] = float(json.loads(meta.read_text()).get("training_tokens") or 0) or None
+        elif state.is_file():
+            import torch
+
+            out["tokens"] = float(torch.load(state, weights_only=False, map_location="cpu").get("tokens_seen", 0))
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def build_card(results: dict | list[dict], params: dict, name: str | None = None,
                overview: str | None = None) -> str:
     """Markdown model card; ``params``: {"total_params", "active_params", "tokens", "moe"}."""

@@ -3,7 +3,9 @@
     omnimini eval --endpoint URL [--api-key K] [--endpoint-model NAME] --tasks mmlu,gpqa --limit 20
     omnimini eval --model DIR|NAME --tasks embodied
     omnimini eval compare RESULTS...          leaderboard with GPT-4o mini as reference
-    omnimini eval card RESULTS... --params P  model card markdown (P: JSON file or inline JSON)
+    omnimini eval card RESULTS... [--params P]  model card markdown (parameters and training tokens from the
+                                                 model's config and metadata; P, a JSON file or inline JSON,
+                                                 overrides them)
 """
 
 from __future__ import annotations
@@ -120,18 +122,27 @@ def _image_controls(value: str | None) -> list[str]:
 
 
 def _card(args, paths: list[str]) -> int:
-    from omnimini.eval.card import build_card
+    from omnimini.eval.card import build_card, params_from_model
     from omnimini.eval.compare import load_results
 
-    if not args.params:
-        raise EvalError("eval card needs --params (JSON file or inline JSON with total_params, active_params, "
-                        "tokens, moe)")
-    text = Path(args.params).read_text() if Path(args.params).exists() else args.params
-    try:
-        params = json.loads(text)
-    except ValueError as exc:
-        raise EvalError(f"--params is not valid JSON: {exc}") from None
-    print(build_card([load_results(p) for p in paths], params, name=args.name))
+    results = [load_results(p) for p in paths]
+    params = {}
+    if args.params:  # overrides what the model's own config says
+        text = Path(args.params).read_text() if Path(args.params).exists() else args.params
+        try:
+            params = json.loads(text)
+        except ValueError as exc:
+            raise EvalError(f"--params is not valid JSON: {exc}") from None
+        if not isinstance(params, dict):
+            raise EvalError("--params must be a JSON object (total_params, active_params, tokens, moe)")
+    if "total_params" not in params:
+        extra = results[0].get("config", {}).get("extra", {}) if results else {}
+        if args.model is None and extra.get("endpoint"):
+            raise EvalError("eval card: these results are from an endpoint; give --params (JSON with total_params, "
+                            "active_params, tokens, moe) or --model (the model's checkpoint or name)")
+        spec = args.model or extra.get("model_arg")  # None: the default model, as `omnimini eval` ran it
+        params = {**params_from_model(spec), **params}
+    print(build_card(results, params, name=args.name))
     return 0
 
 

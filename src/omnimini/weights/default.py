@@ -23,6 +23,7 @@ TEXT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_NAME = "omnimini-vl"
 DEFAULT_ALIASES = ("gpt-4o-mini",)
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TEXT_MODEL_TRAINING_TOKENS = 2e12  # SmolLM2-135M's pre-training budget, from its Hugging Face model card
 MARKER = "omnimini-converted.json"
 
 

@@ -65,7 +65,8 @@ class VisionConfig:
     act: str = "gelu"  # the blocks' MLP activation: "gelu" | "quick_gelu" (CLIP) | "gelu_tanh" (SigLIP)
     norm_eps: float = 1e-5
     # "omnimini": pixel shuffle, MLP, centring + RMSNorm; "mlp": Linear-GELU-Linear (LLaVA); "linear": pixel shuffle
-    # and one bias-free Linear (Idefics3 / SmolVLM)
+    # and one bias-free Linear (Idefics3 / SmolVLM); "gemma3": average pooling of each pixel_shuffle x pixel_shuffle
+    # block of patches, RMSNorm, one bias-free Linear (Gemma 3)
     projector: str = "omnimini"
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -73,12 +74,13 @@ class VisionConfig:
     # longest side to max_edge, then (split_images) sides rounded up to multiples of image_size, cut into
     # image_size tiles plus the whole image squeezed into one more tile, or (not split_images) stretched to one tile
     resize: str = "square"
-    resample: str = "bicubic"  # PIL filter of every resize: "bicubic" | "lanczos" (Idefics3)
+    resample: str = "bicubic"  # PIL filter of every resize: "bicubic" | "lanczos" (Idefics3) | "bilinear" (Gemma 3)
     max_edge: int | None = None  # resize="tiles": the longest side first goes to this (None: kept)
     split_images: bool = False  # resize="tiles": tiles + global image (True) or the global image alone
     # how an image is written in the prompt: "repeat": the placeholder token once per image token (the template
     # frames it); "idefics3": each tile's tokens after <fake_token_around_image><row_r_col_c>, the global image's
-    # after <fake_token_around_image><global-img>, as Idefics3's processor expands each <image>
+    # after <fake_token_around_image><global-img>, as Idefics3's processor expands each <image>; "gemma3": the
+    # template's <start_of_image> becomes "\n\n<start_of_image>" + placeholders + "<end_of_image>\n\n"
     image_prompt: str = "repeat"
 
     def __post_init__(self):  # JSON gives lists back
@@ -121,6 +123,9 @@ class ModelConfig:
     moe: MoEConfig | None = None
     vision: VisionConfig | None = None
     image_token_id: int | None = None  # placeholder id the vision features replace
+    # "causal": image tokens attend like text; "bidirectional": the tokens of one image (a contiguous run of
+    # placeholders) also see each other's later positions (Gemma 3)
+    image_attention: str = "causal"
     # Image-conditioned adapters: a small residual MLP per block that every position of a row from its first image
     # token onwards passes through (0 = none). A frozen LM cannot learn to read soft image tokens (measured:
     # SmolLM2-135M did not even answer "red" to a red word embedding in the image slot), and adapters at the image
@@ -155,6 +160,8 @@ class ModelConfig:
             raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
+        if self.image_attention not in ("causal", "bidirectional"):
+            raise ConfigError(f"image_attention must be causal|bidirectional, got {self.image_attention!r}")
         if self.qk_norm not in ("none", "head", "full"):
             raise ConfigError(f"qk_norm must be none|head|full, got {self.qk_norm!r}")
         if self.hidden_act not in ACTIVATIONS:
@@ -180,8 +187,9 @@ class ModelConfig:
             if v.hidden_size % v.num_heads:
                 raise ConfigError(f"vision.hidden_size {v.hidden_size} not divisible by heads {v.num_heads}")
             choices = {"positions": ("2d", "1d"), "act": ("gelu", "quick_gelu", "gelu_tanh"),
-                       "projector": ("omnimini", "mlp", "linear"), "resize": ("square", "crop", "tiles"),
-                       "resample": ("bicubic", "lanczos"), "image_prompt": ("repeat", "idefics3")}
+                       "projector": ("omnimini", "mlp", "linear", "gemma3"),
+                       "resize": ("square", "crop", "tiles"), "resample": ("bicubic", "lanczos", "bilinear"),
+                       "image_prompt": ("repeat", "idefics3", "gemma3")}
             for key, allowed in choices.items():
                 if getattr(v, key) not in allowed:
                     raise ConfigError(f"vision.{key} must be one of {', '.join(allowed)}, got {getattr(v, key)!r}")

@@ -77,7 +77,8 @@ def load_image(path: str | Path, limits: ImageLimits = DEFAULT_LIMITS) -> Image.
         raise ImageError(f"{p}: {e}") from None
 
 
-RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
+RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
+            "bilinear": Image.Resampling.BILINEAR}
 
 
 def _normalise(img: Image.Image, mean, std) -> torch.Tensor:
@@ -180,9 +181,11 @@ def vision_pixels(img: Image.Image, vision) -> torch.Tensor:
 def prompt_texts(vision, grids: list[tuple[int, int]], image_token: str) -> list[str] | None:
     """What each image's placeholder becomes in the prompt, for families that write images their own way
     (None: the template writes image_tokens placeholders itself, or the tokenizer repeats its one placeholder)."""
+    n = vision.tokens_per_image
+    if vision.image_prompt == "gemma3":  # Gemma3Processor's expansion of each <start_of_image>
+        return [f"\n\n{GEMMA_BOI}{image_token * n}{GEMMA_EOI}\n\n" for _ in grids]
     if vision.image_prompt != "idefics3":
         return None
-    n = vision.tokens_per_image
     whole = f"{FAKE_IMAGE}{GLOBAL_IMAGE}{image_token * n}{FAKE_IMAGE}"
     out = []
     for rows, cols in grids:
@@ -196,6 +199,7 @@ def prompt_texts(vision, grids: list[tuple[int, int]], image_token: str) -> list
 
 
 FAKE_IMAGE, GLOBAL_IMAGE = "<fake_token_around_image>", "<global-img>"  # Idefics3's image framing tokens
+GEMMA_BOI, GEMMA_EOI = "<start_of_image>", "<end_of_image>"  # Gemma 3's
 
 
 @dataclass

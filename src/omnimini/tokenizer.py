@@ -109,10 +109,14 @@ class Tokenizer:
         image_end: str | None = "<|image_end|>",
         add_bos_token: bool = False,
         expand_image_token: bool = False,
+        image_placeholder: str | None = None,
     ):
         self.hf = hf
         # the template writes one image placeholder per image (LLaVA): encode_chat repeats it per image token
         self.expand_image_token = expand_image_token
+        # what the template writes for each image when that is not image_token itself (Gemma 3: <start_of_image>,
+        # which its processor expands around the soft tokens)
+        self.image_placeholder = image_placeholder
         self.add_bos_token = add_bos_token  # raw prompts start with BOS (SentencePiece GGUFs); chat templates say
         if eos_tokens is None:
             eos_tokens = [t for t in DEFAULT_EOS_TOKENS if hf.token_to_id(t) is not None]
@@ -265,9 +269,10 @@ class Tokenizer:
         # vLLM do; callers that need stricter isolation must filter content first.
         text = self.render_chat(messages, tools, add_generation_prompt, image_tokens, **template_kwargs)
         if self.expand_image_token and self.image_token and image_texts is not None:
-            pieces = text.split(self.image_token)
+            placeholder = self.image_placeholder or self.image_token
+            pieces = text.split(placeholder)
             if len(pieces) - 1 != len(image_texts):
-                raise ChatTemplateError(f"the prompt has {len(pieces) - 1} {self.image_token} placeholders for "
+                raise ChatTemplateError(f"the prompt has {len(pieces) - 1} {placeholder} placeholders for "
                                         f"{len(image_texts)} images")
             text = pieces[0] + "".join(t + p for t, p in zip(image_texts, pieces[1:], strict=True))
         elif self.expand_image_token and self.image_token and image_tokens > 1:
@@ -295,6 +300,7 @@ class Tokenizer:
             "omnimini": {
                 "add_bos_token": self.add_bos_token,
                 "expand_image_token": self.expand_image_token,
+                "image_placeholder": self.image_placeholder,
                 "eos_tokens": self.eos_tokens,
                 "image_token": self.image_token,
                 "image_start": self.image_start,
@@ -321,7 +327,8 @@ class Tokenizer:
                        bos_token=_token_text(config.get("bos_token")), pad_token=_token_text(config.get("pad_token")),
                        image_token=own.get("image_token"), image_start=own.get("image_start"),
                        image_end=own.get("image_end"), add_bos_token=bool(own.get("add_bos_token", False)),
-                       expand_image_token=bool(own.get("expand_image_token", False)))
+                       expand_image_token=bool(own.get("expand_image_token", False)),
+                       image_placeholder=own.get("image_placeholder"))
         return cls(hf, chat_template=_hf_chat_template(d, config), eos_tokens=_hf_eos_tokens(d, hf, config),
                    bos_token=_present(hf, _token_text(config.get("bos_token"))),
                    pad_token=_present(hf, _token_text(config.get("pad_token"))),

@@ -507,6 +507,8 @@ class Engine:
                 break
             self._reuse_prefix(r)
             take = min(len(r.prompt) - r.prefilled, budget)
+            if self.model.config.image_attention == "bidirectional":
+                take = _keep_images_whole(r.prompt, r.prefilled, take, self.model.config.image_token_id)
             batch.append((r, r.prefilled, r.prefilled + take))
             budget -= take
         T = max(e - s for _, s, e in batch)
@@ -769,3 +771,12 @@ class _Collector:
         comps = [Completion(i, "".join(p["text"]), p["toks"], p["reason"], p["lp"]) for i, p in enumerate(self.parts)]
         return GenerationResult(self.req.request_id, len(self.req.prompt_ids), comps, self.cached_tokens)
 
+
+def _keep_images_whole(prompt: list[int], start: int, take: int, image_token: int) -> int:
+    """A chunk length that does not end inside a run of image placeholders: the tokens of one image attend to each
+    other both ways (image_attention="bidirectional"), so a chunk holds all of an image or none of it (it may
+    then exceed the chunk budget by at most one image)."""
+    end = start + take
+    while end < len(prompt) and prompt[end - 1] == image_token and prompt[end] == image_token:
+        end += 1
+    return end - start

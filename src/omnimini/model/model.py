@@ -149,10 +149,11 @@ class OmniModel(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         cache_len = cache.max_len if cache is not None else None
-        mask = self._mask(positions, attention_mask, cache_len)
+        blocks = self._image_blocks(input_ids)
+        mask = self._mask(positions, attention_mask, cache_len, image_blocks=blocks)
         window = self.config.sliding_window
         if window is not None and int(positions.max()) >= window:  # shorter: the window hides nothing
-            window_mask = self._mask(positions, attention_mask, cache_len, window)
+            window_mask = self._mask(positions, attention_mask, cache_len, window, blocks)
         else:
             window_mask = mask
         x = self.embed_inputs(input_ids, pixels, image_embeds)
@@ -208,29 +209,49 @@ class OmniModel(nn.Module):
         return m if bool(m.any()) else None
 
     @staticmethod
-    def _mask(positions, attention_mask, cache_len: int | None, window: int | None = None):
+    def _mask(positions, attention_mask, cache_len: int | None, window: int | None = None, image_blocks=None):
         """Boolean [B, 1, T, keys] mask (True = attend), or None for plain causal attention.
-        window: also hide keys `window` or more positions behind the query (sliding-window layers)."""
+        window: also hide keys `window` or more positions behind the query (sliding-window layers).
+        image_blocks [B, T]: which image each token belongs to (-1: text); tokens of one image also see each
+        other's later positions (image_attention="bidirectional"; the window still applies, as in Gemma 3)."""
         if cache_len is not None:
             # key j (a cache position) is visible to a query at position p when j <= p; padded tail tokens of
             # a chunked prefill may carry positions past the cache end: they are never read, so cap the keys
             kv_len = min(int(positions.max()) + 1, cache_len)
             keys = torch.arange(kv_len, device=positions.device)[None, None, :]
             m = keys <= positions[:, :, None]
+            if image_blocks is not None:
+                # each key position's image (the chunk's own tokens; earlier keys are visible causally anyway)
+                where = torch.where(image_blocks >= 0, positions.clamp(max=kv_len - 1), kv_len)
+                kblk = torch.full((positions.shape[0], kv_len + 1), -1, dtype=torch.long, device=positions.device)
+                kblk = kblk.scatter(1, where, image_blocks)[:, :kv_len]
+                m = m | ((image_blocks[:, :, None] >= 0) & (image_blocks[:, :, None] == kblk[:, None, :]))
             if window is not None:
                 m = m & (keys > positions[:, :, None] - window)
             return m[:, None]
         T = positions.shape[1]
-        if attention_mask is None and (window is None or T <= window):
+        if attention_mask is None and image_blocks is None and (window is None or T <= window):
             return None  # plain causal: the fast SDPA path
-        causal = torch.ones(T, T, dtype=torch.bool, device=positions.device).tril()
+        m = torch.ones(T, T, dtype=torch.bool, device=positions.device).tril()[None]
+        if image_blocks is not None:
+            m = m | ((image_blocks[:, :, None] >= 0) & (image_blocks[:, :, None] == image_blocks[:, None, :]))
         if window is not None:
-            causal = causal & ~causal.tril(-window)
-        m = causal[None]
+            m = m & ~torch.ones(T, T, dtype=torch.bool, device=positions.device).tril(-window)[None]
         if attention_mask is not None:
             m = m & attention_mask.bool()[:, None, :]
         m = m | torch.eye(T, dtype=torch.bool, device=positions.device)[None]  # padded queries see themselves
         return m[:, None]
+
+    def _image_blocks(self, input_ids) -> torch.Tensor | None:
+        """[B, T] index of the image each placeholder belongs to (a contiguous run is one image), -1 elsewhere;
+        None unless this model attends bidirectionally within images and the chunk holds image tokens."""
+        if self.config.image_attention != "bidirectional" or self.config.image_token_id is None:
+            return None
+        is_img = input_ids == self.config.image_token_id
+        if not bool(is_img.any()):
+            return None
+        starts = is_img & ~F.pad(is_img, (1, 0))[:, :-1]
+        return torch.where(is_img, starts.long().cumsum(1) - 1, -1)
 
     # ---- utilities -----------------------------------------------------------------------------------------
 

@@ -63,10 +63,12 @@ class VisionEncoder(nn.Module):
         s = cfg.pixel_shuffle
         # "linear" (Idefics3's modality projection) is one bias-free map of the shuffled patches; the others are
         # Linear-GELU-Linear
-        linear = cfg.projector == "linear"
-        self.proj_fc1 = nn.Linear(d * s * s, lm_hidden, bias=not linear)
+        linear = cfg.projector in ("linear", "gemma3")
+        # gemma3 pools each s x s block (one patch's width in), the others concatenate it (s*s patches' width)
+        self.proj_fc1 = nn.Linear(d if cfg.projector == "gemma3" else d * s * s, lm_hidden, bias=not linear)
         self.proj_fc2 = None if linear else nn.Linear(lm_hidden, lm_hidden)
         self.proj_norm = None
+        self.pool_norm = RMSNorm(d, eps=cfg.norm_eps) if cfg.projector == "gemma3" else None
         if cfg.projector == "omnimini":
             # image tokens start at the scale of text embeddings (std 0.02): unnormalised they grow ~100x larger,
             # become an attention sink, and the encoder stops receiving gradient
@@ -107,6 +109,10 @@ class VisionEncoder(nn.Module):
         # pixel shuffle: merge each s x s neighbourhood of patches into one token (fewer, wider tokens); the
         # features of a token are its patches in row-major order, as Idefics3's connector lays them out
         s = self.cfg.pixel_shuffle
+        if self.pool_norm is not None:  # Gemma 3: the mean of each s x s block, normed, mapped
+            N, _, D = x.shape
+            x = F.avg_pool2d(x.transpose(1, 2).reshape(N, D, gh, gw), s).flatten(2).transpose(1, 2)
+            return self.proj_fc1(self.pool_norm(x))
         if s > 1:
             N, _, D = x.shape
             x = x.view(N, gh // s, s, gw // s, s, D).permute(0, 1, 3, 2, 4, 5)

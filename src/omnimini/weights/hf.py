@@ -23,8 +23,8 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwe
                          "gemma3_text")
 GEMMA = ("gemma3_text",)
 # CLIP tower + MLP projector (hf_llava.py); SigLIP tower + pixel shuffle + linear projector, images split into tiles
-# (hf_idefics3.py); each with one of the text families
-VISION_LANGUAGE = ("llava", "idefics3", "smolvlm")
+# (hf_idefics3.py); SigLIP tower + pooling projector on Gemma 3 (hf_gemma3.py); each with one of the text families
+VISION_LANGUAGE = ("llava", "idefics3", "smolvlm", "gemma3")
 SUPPORTED_ROPE = ("default", "linear", "llama3")
 HF_INDEX = "model.safetensors.index.json"
 
@@ -295,16 +295,17 @@ def load_hf_model(path, device="cpu", dtype=torch.float32):
 def _load_vlm(d: Path, c: dict, device, dtype):
     import dataclasses
 
-    from omnimini.weights import hf_idefics3, hf_llava
+    from omnimini.weights import hf_gemma3, hf_idefics3, hf_llava
 
     mt = c["model_type"]
-    family = hf_llava if mt == "llava" else hf_idefics3
+    family = {"llava": hf_llava, "gemma3": hf_gemma3}.get(mt, hf_idefics3)
     vision, image_token = family.vision_config(c, d)  # first: a missing preprocessor config is named up front
     text = config_from_hf(family.text_config(c))
     lm, tower = family.split_state(read_safetensors(_weight_files(d)), vision)
     if family is hf_idefics3:  # an exported head means an untied one, whichever config level says otherwise
         text = dataclasses.replace(text, tie_embeddings="lm_head.weight" not in lm)
-    cfg = dataclasses.replace(text, vision=vision, image_token_id=image_token, arch=mt)
+    cfg = dataclasses.replace(text, vision=vision, image_token_id=image_token, arch=mt,
+                              image_attention="bidirectional" if family is hf_gemma3 else "causal")
     state = {**convert_state(lm, text), **tower}
     return build_model(cfg, state, f"{d} ({mt})", device, dtype)
 
@@ -325,5 +326,11 @@ def load_hf(path, device="cpu", dtype=torch.float32):
             from omnimini.weights.hf_idefics3 import check_tokenizer
 
             check_tokenizer(tok, model.config.vision, str(d))
+        elif model.config.vision.image_prompt == "gemma3":
+            from omnimini.images import GEMMA_BOI
+            from omnimini.weights.hf_gemma3 import check_tokenizer
+
+            check_tokenizer(tok, str(d))
+            tok.image_placeholder = GEMMA_BOI  # what its template writes; the processor's expansion replaces it
     check_vocab(tok, model.config, str(d))
     return model, tok

@@ -77,7 +77,7 @@ def read_preprocessor(d: Path) -> dict:
 
 
 # PIL's filter numbers, as image processors save `resample`
-RESAMPLE = {1: "lanczos", 3: "bicubic"}
+RESAMPLE = {1: "lanczos", 2: "bilinear", 3: "bicubic"}  # PIL filter numbers in preprocessor configs
 
 
 def resample(p: dict, default: str) -> str:

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test test-slow lint bench setup browser omnimini-vl
+.PHONY: serve test test-slow lint bench setup browser omnimini-vl omnimini-nano
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,3 +37,8 @@ test-slow: $(STAMP)
 # rebuild the shipped vision weights of omnimini-vl from scratch (resumable: re-run continues; see README)
 omnimini-vl: $(STAMP)
 	$(BIN)/python -m omnimini.vl.train --out runs/omnimini-vl --threads $${THREADS:-2} --install $(ARGS)
+
+# rebuild the shipped omnimini-nano from scratch with the nano recipe (resumable), then install it in the package
+omnimini-nano: $(STAMP)
+	$(BIN)/omnimini train nano --data $${DATA:-../shared/data} --out runs/nano $(ARGS)
+	$(BIN)/python -m omnimini.weights.packaged runs/nano omnimini-nano

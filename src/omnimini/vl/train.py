@@ -284,7 +284,7 @@ def run_stage(name: str, cfg: StageConfig, model, heads: DenseHeads, out: Path, 
             lm, tokens = lm_loss_per_sample(model, batch, prefix_kv)
             loss = cfg.lm_weight * lm
             metrics = {"lm_loss": lm.item(), "source": batch["source"]}
-            if "dense" in batch:
+            if "dense" in batch and cfg.aux_weight > 0:
                 aux, acc = heads(tokens, batch["dense"])
                 loss = loss + cfg.aux_weight * aux
                 metrics.update(aux_loss=aux.item(), colour_obj=acc["colour_obj"], word=acc.get("word"))
@@ -383,6 +383,9 @@ def main(argv=None) -> int:
     ap.add_argument("--init-from", metavar="FILE", default=None,
                     help="start the align stage from this vision file (skips the warm-up), e.g. the shipped one")
     ap.add_argument("--align-lr", type=float, default=ALIGN.lr)
+    ap.add_argument("--aux-weight", type=float, default=ALIGN.aux_weight,
+                    help="weight of the dense heads' loss in the align stage (0 with --init-from: the heads are not "
+                         "in the vision file and would restart from noise, pulling the encoder with them)")
     ap.add_argument("--export", metavar="FILE", default=None,
                     help="only write FILE from the run's newest checkpoint (no training)")
     a = ap.parse_args(argv)
@@ -399,8 +402,10 @@ def main(argv=None) -> int:
     init = Path(a.init_from) if a.init_from else None
     if init is not None and not init.is_file():
         ap.error(f"--init-from {init}: no such file")
+    if a.aux_weight < 0:
+        ap.error(f"--aux-weight must be >= 0, got {a.aux_weight}")
     al = StageConfig(**{**asdict(ALIGN), "steps": a.align_steps, "warmup": min(ALIGN.warmup, a.align_steps),
-                        "lr": a.align_lr})
+                        "lr": a.align_lr, "aux_weight": a.aux_weight})
     build(Path(a.out), w, al, a.threads, spec.VISION_FILE if a.install else None, init)
     return 0
 

@@ -190,3 +190,56 @@ def write_mmproj_from_llava(path, llava, legacy=True, feature_layer_key=True, pa
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def write_mmproj_from_gemma3(path, gemma3, scale_factor_key=True, scale_factor=None):
+    """A transformers Gemma 3's SigLIP tower + projector as a llama.cpp mmproj GGUF (projector type "gemma3"):
+    gguf-py's names (fc1 -> ffn_up), the soft-embedding norm stored as 1 + w and the input projection in its
+    Hugging Face [vision, text] layout, as llama.cpp's converter writes them."""
+    c = gemma3.config
+    v = c.vision_config
+    w = gguf.GGUFWriter(str(path), "clip")
+    w.add_bool("clip.has_text_encoder", False)
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_string("clip.projector_type", "gemma3")
+    w.add_uint32("clip.vision.image_size", v.image_size)
+    w.add_uint32("clip.vision.patch_size", v.patch_size)
+    w.add_uint32("clip.vision.embedding_length", v.hidden_size)
+    w.add_uint32("clip.vision.feed_forward_length", v.intermediate_size)
+    w.add_uint32("clip.vision.attention.head_count", v.num_attention_heads)
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", v.layer_norm_eps)
+    w.add_uint32("clip.vision.block_count", v.num_hidden_layers)
+    w.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
+    w.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+    w.add_bool("clip.use_gelu", True)
+    if scale_factor_key:  # scale_factor: a deliberately wrong one
+        side = v.image_size // v.patch_size
+        w.add_uint32("clip.vision.projector.scale_factor",
+                     scale_factor or side // int(c.mm_tokens_per_image ** 0.5))
+    for name, t in gemma3.state_dict().items():
+        a = t.detach().float().numpy()
+        if name.endswith("multi_modal_projector.mm_input_projection_weight"):
+            w.add_tensor("mm.input_projection.weight", np.ascontiguousarray(a))
+            continue
+        if name.endswith("multi_modal_projector.mm_soft_emb_norm.weight"):
+            w.add_tensor("mm.soft_emb_norm.weight", np.ascontiguousarray(a + 1.0))
+            continue
+        m = re.match(r"(?:model\.)?vision_tower\.(?:vision_model\.)?(.+)$", name)
+        if m is None or m[1].startswith("head."):
+            continue  # the language model (model.gguf), SigLIP's unused pooling head
+        name = m[1]
+        if name.startswith("encoder.layers."):
+            _, _, i, rest = name.split(".", 3)
+            base, kind = rest.rsplit(".", 1)
+            out = f"v.blk.{i}.{_CLIP.get(base) or {'mlp.fc1': 'ffn_up', 'mlp.fc2': 'ffn_down'}[base]}.{kind}"
+        else:
+            out = {"embeddings.patch_embedding.weight": "v.patch_embd.weight",
+                   "embeddings.patch_embedding.bias": "v.patch_embd.bias",
+                   "embeddings.position_embedding.weight": "v.position_embd.weight",
+                   "post_layernorm.weight": "v.post_ln.weight", "post_layernorm.bias": "v.post_ln.bias"}[name]
+        w.add_tensor(out, np.ascontiguousarray(a))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -59,7 +59,7 @@ def gemma3(tmp_path_factory):
     text = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=24,
                             layer_types=["sliding_attention", "sliding_attention", "full_attention"],
-                            max_position_embeddings=512, initializer_range=0.02)
+                            query_pre_attn_scalar=16, max_position_embeddings=512, initializer_range=0.02)
     vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                 image_size=SIZE, patch_size=PATCH, vision_use_head=False)
     cfg = T.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=MM_TOKENS,
@@ -182,3 +182,65 @@ def test_served_with_an_image_through_the_openai_client(gemma3):
                            suppress_tokens=[SOFT])
     want = processor.tokenizer.decode(out[0, inputs.input_ids.shape[1]:], skip_special_tokens=True)
     assert resp.choices[0].message.content == want
+
+
+def test_gguf_model_and_gemma3_mmproj_give_the_hf_load(gemma3, tmp_path):
+    """llama.cpp's layout: the Gemma 3 text model as model.gguf + the tower and projector as mmproj.gguf
+    (projector type gemma3); loaded with --mmproj they give the HF directory's logits on the padded batch."""
+    pytest.importorskip("gguf")
+    from gguf_from_hf import write_gguf_from_hf, write_mmproj_from_gemma3
+
+    from omnimini.runtime import load_for_inference
+    from omnimini.tokenizer import BYTE_TO_CHAR
+    from omnimini.weights.gguf_loader import GGUFError
+    from omnimini.weights.gguf_mmproj import attach_mmproj
+
+    ref, d, processor = gemma3
+    hf_tok = json.loads((d / "tokenizer.json").read_text())
+    added = sorted((t["id"], t["content"]) for t in hf_tok["added_tokens"])
+    tokens = [BYTE_TO_CHAR[b] for b in range(256)] + [t for _, t in added]
+
+    def vocab(w):  # (and the layer pattern: what the converter writes beside the vocabulary)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("smollm")
+        w.add_token_list(tokens)
+        w.add_token_types([1] * 256 + [3] * (len(tokens) - 256))
+        w.add_token_merges([])
+        w.add_bos_token_id(tokens.index("<bos>"))
+        w.add_eos_token_id(tokens.index("<end_of_turn>"))
+        w.add_pad_token_id(0)
+        w.add_chat_template(TEMPLATE)
+        # this model's own layer pattern (llama.cpp's default is five sliding layers, then a global one)
+        w.add_array("gemma3.attention.sliding_window_pattern", [True, True, False])
+
+    lm = transformers.Gemma3ForCausalLM(ref.config.text_config).eval()
+    state = {"model." + k: v for k, v in ref.model.language_model.state_dict().items()}
+    lm.load_state_dict({**state, "lm_head.weight": ref.lm_head.weight})
+    model_path = write_gguf_from_hf(tmp_path / "model.gguf", lm, tokenizer_fn=vocab)
+    mm = write_mmproj_from_gemma3(tmp_path / "mmproj.gguf", ref)
+    model, tok = load_for_inference(str(model_path), quantize="none", mmproj=str(mm))
+    assert model.config.image_attention == "bidirectional" and model.config.image_token_id == SOFT
+    hf_model, hf_omni_tok = load_hf(d)
+    images = _images()
+    texts = ["Describe it.", "What is in this long picture, and what colour is it?"]
+    ours = [encode_messages(model, tok, _messages(t, img)) for img, t in zip(images, texts, strict=True)]
+    want = [encode_messages(hf_model, hf_omni_tok, _messages(t, img)) for img, t in zip(images, texts, strict=True)]
+    for (ids, px), (ids_hf, px_hf) in zip(ours, want, strict=True):
+        assert ids == ids_hf
+        torch.testing.assert_close(px, px_hf, atol=0, rtol=0)
+    T = max(len(i) for i, _ in ours)
+    ids = torch.tensor([i + [0] * (T - len(i)) for i, _ in ours])
+    mask = torch.tensor([[1] * len(i) + [0] * (T - len(i)) for i, _ in ours])
+    pixels = torch.cat([p for _, p in ours])
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask, pixels=pixels).logits
+        exp = hf_model(ids, attention_mask=mask, pixels=pixels).logits
+    for i, (row, _) in enumerate(ours):
+        torch.testing.assert_close(got[i, : len(row)], exp[i, : len(row)], atol=1e-5, rtol=0)
+    # without the scale-factor key: clip.cpp's default, 4 (this model's too); a factor that does not fit is named
+    m2, t2 = load_for_inference(str(model_path), quantize="none")
+    attach_mmproj(m2, t2, write_mmproj_from_gemma3(tmp_path / "nokey.gguf", ref, scale_factor_key=False))
+    assert m2.config.vision.pixel_shuffle == 4 and m2.config.vision.tokens_per_image == MM_TOKENS
+    m3, t3 = load_for_inference(str(model_path), quantize="none")
+    with pytest.raises(GGUFError, match="8 x 8 patch grid does not pool by scale_factor 3"):
+        attach_mmproj(m3, t3, write_mmproj_from_gemma3(tmp_path / "bad.gguf", ref, scale_factor=3))

@@ -9,6 +9,12 @@ norm only if the file has one and the whole tower is read; class token dropped. 
 converter call fc1 `ffn_down` and fc2 `ffn_up`; as clip.cpp does, the pair is told apart by shape. Images are
 prepared as the Hugging Face LLaVA processor does (shortest side, centre crop, bicubic) with the file's mean / std.
 The image placeholder is the language model's `<image>` token, which its vocabulary must have.
+
+Projector type "gemma3" (Gemma 3's SigLIP tower): the whole tower with its final norm, then the average of each
+k x k block of patches (k = `clip.vision.projector.scale_factor`, clip.cpp's default 4), `mm.soft_emb_norm` (stored
+as 1 + w by the converter) and `mm.input_projection` (Hugging Face's [vision, text] layout, applied as x @ W); images
+stretched to the tower's square (bilinear); the LM's `<start_of_image>` framing with `<image_soft_token>`
+placeholders, which attend to each other both ways (Gemma3Processor / hf_gemma3.py).
 """
 
 from __future__ import annotations
@@ -22,8 +28,9 @@ import torch
 from omnimini.config import VisionConfig
 from omnimini.weights.gguf_loader import GGUFError, dequantize, metadata, open_gguf
 
-PROJECTOR_TYPES = ("mlp",)
+PROJECTOR_TYPES = ("mlp", "gemma3")
 IMAGE_TOKEN = "<image>"
+GEMMA_SOFT_TOKEN = "<image_soft_token>"
 _BLK = re.compile(r"v\.blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _BLOCK = {"attn_out": "proj", "ln1": "norm1", "ln2": "norm2"}
 _TOP = {"v.patch_embd.bias": "vision.patch_embed.bias", "v.class_embd": "vision.class_token",
@@ -31,7 +38,7 @@ _TOP = {"v.patch_embd.bias": "vision.patch_embed.bias", "v.class_embd": "vision.
         "v.pre_ln.bias": "vision.pre_norm.bias", "v.post_ln.weight": "vision.norm.weight",
         "v.post_ln.bias": "vision.norm.bias", "mm.0.weight": "vision.proj_fc1.weight",
         "mm.0.bias": "vision.proj_fc1.bias", "mm.2.weight": "vision.proj_fc2.weight",
-        "mm.2.bias": "vision.proj_fc2.bias"}
+        "mm.2.bias": "vision.proj_fc2.bias", "mm.soft_emb_norm.weight": "vision.pool_norm.weight"}
 
 
 def _need(meta: dict, key: str, path):
@@ -64,6 +71,8 @@ def read_mmproj(path, lm_hidden: int) -> tuple[VisionConfig, dict[str, torch.Ten
                         f"but v.patch_embd.weight is {list(embd.shape)} (expected [{hidden}, 3, {patch}, {patch}])")
     if size % patch:
         raise GGUFError(f"{path}: patch size mismatch: image_size {size} is not a multiple of patch_size {patch}")
+    if kind == "gemma3":
+        return _gemma3(meta, w, size, patch, hidden, n_layer, lm_hidden, path)
     if "mm.2.weight" not in w or "mm.0.weight" not in w:
         raise GGUFError(f"{path}: mmproj file lacks the projector tensors mm.0 / mm.2")
     if w["mm.0.weight"].shape[1] != hidden:
@@ -98,6 +107,35 @@ def read_mmproj(path, lm_hidden: int) -> tuple[VisionConfig, dict[str, torch.Ten
         image_std=tuple(float(x) for x in meta.get("clip.vision.image_std", (0.26862954, 0.26130258, 0.27577711))),
         resize="crop", resample="bicubic")
     return cfg, _state(w, cfg, path)
+
+
+def _gemma3(meta, w, size, patch, hidden, n_layer, lm_hidden, path) -> tuple[VisionConfig, dict]:
+    grid, scale = size // patch, int(meta.get("clip.vision.projector.scale_factor", 4))
+    proj = w.get("mm.input_projection.weight")
+    if proj is None or "mm.soft_emb_norm.weight" not in w:
+        raise GGUFError(f"{path}: mmproj file lacks the gemma3 projector tensors mm.input_projection / "
+                        "mm.soft_emb_norm")
+    if tuple(proj.shape) != (hidden, lm_hidden):
+        raise GGUFError(f"{path}: hidden size mismatch: mm.input_projection.weight is {list(proj.shape)}, expected "
+                        f"[{hidden} (the tower), {lm_hidden} (the language model)]")
+    if grid % scale:
+        raise GGUFError(f"{path}: a {grid} x {grid} patch grid does not pool by scale_factor {scale}")
+    if "v.position_embd.weight" not in w or w["v.position_embd.weight"].shape[0] != grid * grid:
+        raise GGUFError(f"{path}: patch size mismatch: {grid * grid} patches but v.position_embd.weight is "
+                        f"{list(w['v.position_embd.weight'].shape) if 'v.position_embd.weight' in w else None}")
+    cfg = VisionConfig(
+        image_size=size, patch_size=patch, hidden_size=hidden, num_layers=n_layer,
+        num_heads=int(_need(meta, "clip.vision.attention.head_count", path)),
+        intermediate_size=int(meta.get("clip.vision.feed_forward_length", 0)) or _ffn_width(w, hidden),
+        pixel_shuffle=scale, max_grid=grid, class_token=False, positions="1d", pre_norm=False,
+        final_norm="v.post_ln.weight" in w, act="gelu_tanh",  # ggml's gelu is the tanh form SigLIP trains with
+        norm_eps=float(meta.get("clip.vision.attention.layer_norm_epsilon", 1e-6)), projector="gemma3",
+        image_mean=tuple(float(x) for x in meta.get("clip.vision.image_mean", (0.5, 0.5, 0.5))),
+        image_std=tuple(float(x) for x in meta.get("clip.vision.image_std", (0.5, 0.5, 0.5))),
+        resize="square", resample="bilinear", image_prompt="gemma3")
+    state = _state({k: v for k, v in w.items() if k != "mm.input_projection.weight"}, cfg, path)
+    state["vision.proj_fc1.weight"] = proj.t().contiguous()
+    return cfg, state
 
 
 def _ffn_width(w: dict, hidden: int) -> int:
@@ -146,16 +184,20 @@ def _state(w: dict[str, torch.Tensor], cfg: VisionConfig, path) -> dict[str, tor
 
 def attach_mmproj(model, tok, path):
     """Give a loaded language model the mmproj file's vision tower + projector (in place); returns model."""
+    from omnimini.images import GEMMA_BOI, GEMMA_EOI
     from omnimini.model.vision import VisionEncoder
 
     cfg = model.config
     if cfg.vision is not None:
         raise GGUFError(f"--mmproj {path}: the model already has a vision encoder")
-    image_id = tok.token_to_id(IMAGE_TOKEN)
-    if image_id is None:
-        raise GGUFError(f"--mmproj {path}: the language model's vocabulary has no {IMAGE_TOKEN} token to stand "
-                        "for the image in the prompt")
     vision, state = read_mmproj(path, cfg.hidden_size)
+    gemma = vision.image_prompt == "gemma3"
+    placeholder = GEMMA_SOFT_TOKEN if gemma else IMAGE_TOKEN
+    for t in (placeholder, GEMMA_BOI, GEMMA_EOI) if gemma else (placeholder,):
+        if tok.token_to_id(t) is None:
+            raise GGUFError(f"--mmproj {path}: the language model's vocabulary has no {t} token to "
+                            f"{'frame' if t != placeholder else 'stand for'} the image in the prompt")
+    image_id = tok.token_to_id(placeholder)
     encoder = VisionEncoder(vision, cfg.hidden_size)
     prefixed = {k.removeprefix("vision."): v for k, v in state.items()}
     missing, unexpected = encoder.load_state_dict(prefixed, strict=False)
@@ -164,6 +206,8 @@ def attach_mmproj(model, tok, path):
                         f"{unexpected[:3]})")
     norm = model.norm.weight  # encode_images casts pixels to this dtype (the embedding may hold quantized blocks)
     model.vision = encoder.to(device=norm.device, dtype=norm.dtype).eval()
-    model.config = dataclasses.replace(cfg, vision=vision, image_token_id=image_id)
-    tok.image_token, tok.expand_image_token = IMAGE_TOKEN, True  # the template writes one <image> per image
+    model.config = dataclasses.replace(cfg, vision=vision, image_token_id=image_id,
+                                       image_attention="bidirectional" if gemma else cfg.image_attention)
+    tok.image_token, tok.expand_image_token = placeholder, True  # the template writes one placeholder per image
+    tok.image_placeholder = GEMMA_BOI if gemma else None  # Gemma's template writes <start_of_image>
     return model

@@ -195,6 +195,16 @@ def _random_q6_k(a: np.ndarray) -> np.ndarray:
     return blocks.reshape(rows, -1)
 
 
+def _random_q5_k(a: np.ndarray) -> np.ndarray:
+    """Valid Q5_K bytes (176 per 256 weights: fp16 d, fp16 dmin, 12 scale bytes, qh[32], qs[128]), small d."""
+    rows, k = a.shape
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 256, (rows, k // 256, 176), dtype=np.uint8)
+    blocks[..., 0:2] = np.full((rows, k // 256, 1), 0.002, dtype=np.float16).view(np.uint8)
+    blocks[..., 2:4] = np.full((rows, k // 256, 1), 0.001, dtype=np.float16).view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
 def _tiny_256(tmp_path, monkeypatch, qtype, name):
     transformers = pytest.importorskip("transformers")
     from test_weights_gguf import HEADS, KV, write_gguf
@@ -203,8 +213,9 @@ def _tiny_256(tmp_path, monkeypatch, qtype, name):
     ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=259, hidden_size=256, intermediate_size=256, num_hidden_layers=1, num_attention_heads=HEADS,
         num_key_value_heads=KV, max_position_embeddings=64, tie_word_embeddings=True)).eval()
-    if qtype == gguf.GGMLQuantizationType.Q6_K:  # gguf-py cannot quantize to Q6_K: valid random blocks instead
-        monkeypatch.setattr(gguf.quants, "quantize", lambda a, qtype: _random_q6_k(a))
+    random_k = {gguf.GGMLQuantizationType.Q6_K: _random_q6_k, gguf.GGMLQuantizationType.Q5_K: _random_q5_k}
+    if qtype in random_k:  # gguf-py cannot quantize to the k-quants: valid random blocks instead
+        monkeypatch.setattr(gguf.quants, "quantize", lambda a, _qtype: random_k[qtype](a))
     path = write_gguf(tmp_path / name, ref, qtype=qtype)
     monkeypatch.undo()
     return path
@@ -213,13 +224,32 @@ def _tiny_256(tmp_path, monkeypatch, qtype, name):
 def test_gguf_type_without_kernel_is_requantized_with_a_warning(tmp_path, monkeypatch):
     from omnimini.runtime import load_for_inference
 
-    path = _tiny_256(tmp_path, monkeypatch, gguf.GGMLQuantizationType.Q5_0, "k.gguf")
-    with pytest.warns(RuntimeWarning, match=r"k\.gguf: tensor type\(s\) Q5_0 have no omnimini kernel; those weights "
+    path = _tiny_256(tmp_path, monkeypatch, gguf.GGMLQuantizationType.Q5_K, "k.gguf")
+    with pytest.warns(RuntimeWarning, match=r"k\.gguf: tensor type\(s\) Q5_K have no omnimini kernel; those weights "
                                             r"are re-quantized to q8_0"):
         model, _ = load_for_inference(str(path), quantize="auto")
     assert model.blocks[0].attn.qkv.format.name == "q8_0"
     with torch.inference_mode():
         assert torch.isfinite(model(torch.arange(3, 20)[None]).logits).all()
+
+
+def test_gguf_q5_0_kept_as_blocks(tmp_path, monkeypatch):
+    """Q5_0 (on some tensors of llama.cpp's Q4_K_M / Q5 files) runs on its own kernel: no re-quantizing, and the
+    logits stay close to the same file dequantized to float32 (int8 activations: the kernels' only rounding)."""
+    import warnings
+
+    from omnimini.runtime import load_for_inference
+
+    path = _tiny_256(tmp_path, monkeypatch, gguf.GGMLQuantizationType.Q5_0, "q5.gguf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        model, _ = load_for_inference(str(path), quantize="auto")
+    assert model.blocks[0].attn.qkv.format.name == "q5_0" and model.blocks[0].mlp.down_proj.format.name == "q5_0"
+    ref, _ = load_for_inference(str(path), quantize="none")
+    ids = torch.arange(3, 40)[None]
+    with torch.inference_mode():
+        got, want = model(ids).logits, ref(ids).logits
+    assert (got - want).abs().max() < 0.02 * want.abs().max()
 
 
 def test_gguf_k_quant_kept_as_blocks(tmp_path, monkeypatch):

@@ -11,6 +11,8 @@ here (ggml's k-quant rounding searches scales iteratively; omnimini's --quantize
        sub-block j of 32 weights: w = d * sc_j * q - dmin * m_j.
   Q6_K (210 bytes): 128 bytes low nibbles ql, 64 bytes of 2-bit high parts qh, int8 scales[16], fp16 d;
        w = d * scales[i / 16] * (q - 32), q 6 bits.
+Q5_0 (22 bytes, 32 weights; llama.cpp's quantizers put it on some tensors of Q4_K_M / Q5 files) is read-only too:
+  fp16 d, uint32 qh (bit j: the fifth bit of weight j), 16 bytes of nibbles; w = d * (q - 16).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ class BlockFormat:
 FORMATS = {f.name: f for f in (BlockFormat("q8_0", 0, 34, 8.5), BlockFormat("q4_0", 1, 18, 4.5),
                                BlockFormat("q4_1", 2, 20, 5.0))}
 # formats read from GGUF files only: the kernels run them, quantize() does not make them
-GGUF_ONLY = {f.name: f for f in (BlockFormat("q4_k", 3, 144, 4.5, QK_K), BlockFormat("q6_k", 4, 210, 6.5625, QK_K))}
+GGUF_ONLY = {f.name: f for f in (BlockFormat("q4_k", 3, 144, 4.5, QK_K), BlockFormat("q6_k", 4, 210, 6.5625, QK_K),
+                                 BlockFormat("q5_0", 5, 22, 5.5))}
 ALL_FORMATS = {**FORMATS, **GGUF_ONLY}
 
 
@@ -112,6 +115,11 @@ def dequantize(blocks: torch.Tensor, fmt: str | BlockFormat) -> torch.Tensor:
         w = d * b[..., 2:].contiguous().view(torch.int8).float()
     elif f.name == "q4_0":
         w = d * (_unnibble(b[..., 2:]) - 8)
+    elif f.name == "q5_0":
+        qh = b[..., 2:6].to(torch.int64)
+        qh = qh[..., 0] | qh[..., 1] << 8 | qh[..., 2] << 16 | qh[..., 3] << 24  # little-endian uint32
+        high = (qh[..., None] >> torch.arange(32)) & 1
+        w = d * ((_unnibble(b[..., 6:]) + 16 * high) - 16)
     else:
         w = d * _unnibble(b[..., 4:]) + _half_at(b, 2)
     return w.reshape(N, -1)

@@ -1,4 +1,4 @@
-// y = x W^T for weights stored in GGUF block formats (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K), AVX2 + FMA + F16C.
+// y = x W^T for weights stored in GGUF block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q6_K), AVX2 + FMA + F16C.
 //
 // The activations are quantized inside the op to int8 per block of 32 (scale d = max|x| / 127, and the block's
 // sum d * sum(q) for the formats with an offset), so each block's dot product is an integer one: 32 byte
@@ -7,6 +7,7 @@
 //   Q8_0: fp16 d, int8 q[32]                     w = d * q
 //   Q4_0: fp16 d, uint8 qs[16] (two nibbles)      w = d * (q - 8)
 //   Q4_1: fp16 d, fp16 m, uint8 qs[16]            w = d * q + m
+//   Q5_0: fp16 d, uint32 qh, uint8 qs[16]         w = d * (q - 16), q = nibble | (bit j of qh) << 4
 // where byte j of qs holds element j in its low nibble and element j + 16 in its high nibble.
 // The k-quants (llama.cpp's, super-blocks of 256 weights = 8 activation blocks):
 //   Q4_K: fp16 d, fp16 dmin, 12 bytes of 6-bit (scale, min) pairs, qs[128]
@@ -36,10 +37,24 @@ namespace {
 
 constexpr int QK = 32;
 constexpr int QK_K = 256;
-enum Format : int64_t { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2, Q4_K = 3, Q6_K = 4 };
+enum Format : int64_t { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2, Q4_K = 3, Q6_K = 4, Q5_0 = 5 };
 
 template <int F> constexpr int block_bytes() {
-  return F == Q8_0 ? 34 : F == Q4_0 ? 18 : F == Q4_1 ? 20 : F == Q4_K ? 144 : 210;
+  return F == Q8_0 ? 34 : F == Q4_0 ? 18 : F == Q4_1 ? 20 : F == Q5_0 ? 22 : F == Q4_K ? 144 : 210;
+}
+
+// Q5_0's 32 fifth bits (bit j of qh = element j) as bytes 0x10 / 0x00 in element order: each byte takes the qh
+// byte holding its bit (shuffles stay within a 128-bit lane; both lanes see all four bytes), then tests that bit.
+inline __m256i q5_high_bits(const uint8_t* blk) {
+  uint32_t qh;
+  std::memcpy(&qh, blk + 2, 4);
+  const __m256i which = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                         2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i bit = _mm256_setr_epi8(1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64, -128,
+                                       1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64, -128);
+  const __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(qh)), which);
+  const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+  return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
 }
 
 inline float half_at(const uint8_t* p) {
@@ -88,14 +103,17 @@ void quantize_row(const float* x, int64_t nb, int8_t* q, float* d, float* s) {
   }
 }
 
-// The 32 weights of a block as bytes: int8 for Q8_0, 0..15 for the 4-bit formats.
+// The 32 weights of a block as bytes: int8 for Q8_0, 0..15 for the 4-bit formats, 0..31 for Q5_0.
 template <int F> inline __m256i unpack(const uint8_t* blk) {
   if constexpr (F == Q8_0) {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
   } else {
-    const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (F == Q4_1 ? 4 : 2)));
+    constexpr int at = F == Q4_1 ? 4 : F == Q5_0 ? 6 : 2;
+    const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + at));
     const __m256i both = _mm256_set_m128i(_mm_srli_epi16(lo, 4), lo);
-    return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+    const __m256i nib = _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+    if constexpr (F == Q5_0) return _mm256_or_si256(nib, q5_high_bits(blk));
+    return nib;
   }
 }
 
@@ -139,6 +157,7 @@ void tile(const uint8_t* W, int64_t row_bytes, int64_t n0, int64_t n1, const Act
         const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(prod, ones));
         acc[r][k] = _mm256_fmadd_ps(dot, _mm256_set1_ps(dw * a.d[row]), acc[r][k]);
         if constexpr (F == Q4_0) off[r][k] -= 8.0f * dw * a.s[row];
+        if constexpr (F == Q5_0) off[r][k] -= 16.0f * dw * a.s[row];
         if constexpr (F == Q4_1) off[r][k] += half_at(blk + 2) * a.s[row];
       }
     }
@@ -287,6 +306,7 @@ int64_t bytes_for(int64_t fmt) {
     case Q8_0: return block_bytes<Q8_0>();
     case Q4_0: return block_bytes<Q4_0>();
     case Q4_1: return block_bytes<Q4_1>();
+    case Q5_0: return block_bytes<Q5_0>();
     case Q4_K: return block_bytes<Q4_K>();
     case Q6_K: return block_bytes<Q6_K>();
     default: TORCH_CHECK(false, "omnimini qlinear: unknown block format ", fmt);
@@ -325,6 +345,7 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t fmt, int64_
     case Q8_0: matmul<Q8_0>(wp, wc.size(1), N, a, M, op); break;
     case Q4_0: matmul<Q4_0>(wp, wc.size(1), N, a, M, op); break;
     case Q4_1: matmul<Q4_1>(wp, wc.size(1), N, a, M, op); break;
+    case Q5_0: matmul<Q5_0>(wp, wc.size(1), N, a, M, op); break;
     case Q4_K: matmul<Q4_K>(wp, wc.size(1), N, a, M, op); break;
     case Q6_K: matmul<Q6_K>(wp, wc.size(1), N, a, M, op); break;
   }

@@ -47,3 +47,35 @@ def test_install_copies_a_recipe_run_with_its_training_tokens(tiny_ckpt, tmp_pat
     assert model.vision is not None
     with pytest.raises(SystemExit):
         packaged.main([str(tmp_path / "nothing"), "omnimini-nano"])
+
+
+def test_shipped_omnimini_nano_is_an_moe_omni_model_that_reads_its_image():
+    """The shipped omnimini-nano (assets/omnimini-nano, `make omnimini-nano`): MoE with a vision encoder, under
+    20 MB, and its answer distribution depends on the image (real scene vs a blank image)."""
+    import torch
+
+    from omnimini.data.scenes.tasks import EVAL_SEEDS, get_family
+    from omnimini.runtime import encode_messages
+
+    d = packaged.ASSET_DIR / "omnimini-nano"
+    assert sum(f.stat().st_size for f in d.iterdir()) < 20e6
+    model, tok = load_any("omnimini-nano")
+    assert model.config.moe is not None and model.config.vision is not None
+    ep = get_family("qa").episode(EVAL_SEEDS[0])
+    msgs = [{"role": "user", "content": [{"type": "image", "image": ep.image}, {"type": "text", "text": ep.prompt}]}]
+    ids, pixels = encode_messages(model, tok, msgs)
+    with torch.no_grad():
+        real = model(torch.tensor([ids]), pixels=pixels).logits[0, -1].log_softmax(-1)
+        blank = model(torch.tensor([ids]), pixels=torch.zeros_like(pixels)).logits[0, -1].log_softmax(-1)
+    assert (real.exp() - blank.exp()).abs().sum() > 0.02  # total variation between the two answer distributions
+
+
+def test_omnimini_nano_served_by_name_answers_an_image_request():
+    openai = pytest.importorskip("openai")
+    from test_server import png_url
+    from test_weights_llava import ask_served
+
+    resp = ask_served(openai, "omnimini-nano", png_url(64, 64, (200, 30, 30)), "What colour is the shape?",
+                      max_context=256)
+    assert resp.model and resp.choices[0].message.content.strip()
+    assert resp.usage.prompt_tokens > 16  # the image's 16 tokens are in the prompt

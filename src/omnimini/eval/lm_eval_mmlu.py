@@ -66,10 +66,10 @@ def write_task_configs(out_dir: Path, data_dir: Path, subjects: list[str]) -> li
 
 def load_tasks(config_dir: Path, names: list[str], shots: int) -> dict:
     """{task name: lm-eval Task} with num_fewshot set, as simple_evaluate would set it."""
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
 
     tm = TaskManager(include_path=str(config_dir), include_defaults=False)
-    tasks = get_task_dict(names, tm)
+    tasks = tm.load(names)["tasks"]  # (get_task_dict is deprecated in lm-eval 0.4.13)
     for t in tasks.values():
         t.set_config(key="num_fewshot", value=shots)
     return tasks

@@ -37,7 +37,7 @@ def install(checkpoint, name: str, run_report=None) -> Path:
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     OmniModel.from_pretrained(checkpoint).save_pretrained(tmp, tokenizer=Tokenizer.from_dir(checkpoint))
-    meta = {"name": name, "source": str(checkpoint)}
+    meta = {"name": name, "source": Path(checkpoint).name}  # the checkpoint it was copied from (no local paths)
     if run_report is not None:
         stages = json.loads(Path(run_report).read_text())
         meta["training_tokens"] = sum(int(s.get("tokens_seen") or 0) for s in stages.values() if isinstance(s, dict))

@@ -67,3 +67,20 @@ def test_loglik_run_reports_tokens_scored_and_contexts_cut(tiny_ckpt, tmp_path, 
     assert sc["tokens_scored"] > base["tokens_scored"] and sc["tokens_per_s"] > 0
     out = capsys.readouterr().out
     assert "tokens scored" in out and f"{sc['truncated']} contexts cut from the left" in out
+
+
+def test_in_process_loglik_calls_take_many_items_at_once(tmp_path):
+    """An in-process client keeps its preferred number of items in flight (not --concurrency's 8), so one
+    log-likelihood call sees many contexts and can sort them by length."""
+    from test_eval_tasks import write_mmlu
+
+    from omnimini.eval.clients import InProcessClient
+    from omnimini.eval.runner import RunConfig, run
+
+    rows = {"anatomy": [[f"Question {i}?", "a", "b", "c", "d", "A"] for i in range(40)]}
+    data = write_mmlu(tmp_path / "data", rows=rows, dev={})
+    client = InProcessClient(lambda b, p: ["A"] * len(b), lambda items: [[0.0, -1.0, -2.0, -3.0] for _ in items],
+                             max_batch=256, max_wait_s=0.05)
+    res = run(client, RunConfig(tasks=["mmlu"], data_dir=data, mode="loglik", concurrency=8))
+    assert res["tasks"]["mmlu"]["n_items"] == 40 and res["tasks"]["mmlu"]["metrics"]["overall"]["mean"] == 1.0
+    assert max(client.batch_sizes) > 8

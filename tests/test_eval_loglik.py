@@ -110,7 +110,7 @@ def test_eval_without_model_uses_the_default_model(monkeypatch):
     seen = []
     monkeypatch.setattr(clients, "make_local_client", lambda spec, quantize: seen.append((spec, quantize)) or "client")
     args = cli.main.__globals__["argparse"].Namespace(model=None, endpoint=None, quantize="auto")
-    # None = the default model (load_any), computed as `serve` serves it (quantize auto)
+    # None = the default model (load_any)
     assert cli.make_client(args) == "client" and seen == [(None, "auto")]
     bad = cli.main.__globals__["argparse"].Namespace(model=None, endpoint=None, quantize="q3")
     with pytest.raises(ValueError, match="--quantize: unknown mode 'q3'"):

@@ -201,6 +201,10 @@ class InProcessClient:
         stats_fn=None,
     ):
         self.generate_fn = generate_fn
+        # items the runner should keep in flight: an in-process model scores best given many requests at once
+        # (log-likelihood batches are sorted by length inside one call; 8 in flight padded each batch to its
+        # longest item and ran 0.8x transformers' speed on MMLU, measured)
+        self.preferred_concurrency = max_batch
         if stats_fn is not None:  # {"tokens_scored", "truncated"} so far: the runner's progress bar and report
             self.stats = stats_fn
         self.loglik_fn = loglik_fn

@@ -70,4 +70,5 @@ def make_local_client(spec: str, quantize: str = "none"):
         from omnimini.weights.default import DEFAULT_MODEL_NAME
 
         spec = DEFAULT_MODEL_NAME  # the name `serve` gives it, so caches and reports name the model
-    return InProcessClient(runner.generate, runner.loglikelihood, model_id=str(spec), stats_fn=runner.stats)
+    return InProcessClient(runner.generate, runner.loglikelihood, model_id=str(spec), stats_fn=runner.stats,
+                           max_batch=256)

@@ -117,7 +117,7 @@ async def _score_items(client: Client, task: Task, cfg: RunConfig, cache: Respon
     if cfg.mode == "loglik" and not ctx.client_supports_loglik:
         raise EvalError(f"--mode loglik needs a client with log-likelihoods; {client.model_id} has none "
                         "(chat endpoints are scored with --mode generate)")
-    sem = asyncio.Semaphore(cfg.concurrency)
+    sem = asyncio.Semaphore(max(cfg.concurrency, int(getattr(client, "preferred_concurrency", 0) or 0)))
     start = time.perf_counter()
     records: list[dict] = []
     scored = _ScoringStats(client)

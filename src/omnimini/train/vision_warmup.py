@@ -13,7 +13,6 @@ Writes OUT/checkpoint (model + tokenizer, the LM untouched) for `init_from`; res
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -53,12 +52,6 @@ class VisionWarmupConfig:
         return cfg
 
 
-def _save(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def run_vision_warmup(cfg: VisionWarmupConfig, out: Path) -> dict:
     from tqdm import tqdm
 
@@ -66,7 +59,7 @@ def run_vision_warmup(cfg: VisionWarmupConfig, out: Path) -> dict:
     from omnimini.tokenizer import Tokenizer
     from omnimini.train.optim import lr_factor
     from omnimini.vl.targets import DenseHeads
-    from omnimini.vl.train import StageConfig, warmup_batch, word_embeddings
+    from omnimini.vl.train import StageConfig, _save, warmup_batch, word_embeddings
 
     done = out / "report.json"
     if done.is_file():

@@ -20,7 +20,7 @@ import torch
 from omnimini.config import VisionConfig
 from omnimini.images import GEMMA_BOI, GEMMA_EOI
 from omnimini.weights.checkpoint import CheckpointError
-from omnimini.weights.hf_llava import PREPROCESSOR, read_preprocessor, resample, tower_state
+from omnimini.weights.hf_llava import PREPROCESSOR, check_standard_steps, read_preprocessor, resample, tower_state
 
 MODEL_TYPES = ("gemma3",)
 _ACTS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh", "gelu": "gelu"}
@@ -64,13 +64,9 @@ def vision_config(c: dict, d: Path) -> tuple[VisionConfig, int]:
 def _preprocessor(d: Path, image_size: int) -> dict:
     p = read_preprocessor(d)
     f = d / PREPROCESSOR
-    for key in ("do_rescale", "do_normalize", "do_convert_rgb"):
-        if p.get(key) is False:
-            raise CheckpointError(f"{f}: {key}=false is not supported")
+    check_standard_steps(p, d)
     if p.get("do_pan_and_scan"):
         raise CheckpointError(f"{f}: do_pan_and_scan=true is not supported (one square view per image)")
-    if abs(float(p.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:
-        raise CheckpointError(f"{f}: rescale_factor={p['rescale_factor']} is not supported (1/255)")
     size = p.get("size") or {}
     h, w = size.get("height", image_size), size.get("width", image_size)
     if (int(h), int(w)) != (image_size, image_size):

@@ -19,7 +19,7 @@ import torch
 from omnimini.config import VisionConfig
 from omnimini.images import FAKE_IMAGE, GLOBAL_IMAGE
 from omnimini.weights.checkpoint import CheckpointError
-from omnimini.weights.hf_llava import PREPROCESSOR, read_preprocessor, resample, tower_state
+from omnimini.weights.hf_llava import PREPROCESSOR, check_standard_steps, read_preprocessor, resample, tower_state
 
 MODEL_TYPES = ("idefics3", "smolvlm")
 _TOWERS = ("idefics3_vision", "smolvlm_vision")
@@ -68,11 +68,7 @@ def vision_config(c: dict, d: Path) -> tuple[VisionConfig, int]:
 def _preprocessor(d: Path, tile: int) -> dict:
     p = read_preprocessor(d)
     f = d / PREPROCESSOR
-    for key in ("do_rescale", "do_normalize", "do_convert_rgb"):
-        if p.get(key) is False:
-            raise CheckpointError(f"{f}: {key}=false is not supported")
-    if abs(float(p.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:
-        raise CheckpointError(f"{f}: rescale_factor={p['rescale_factor']} is not supported (1/255)")
+    check_standard_steps(p, d)
     tile_edge = (p.get("max_image_size") or {}).get("longest_edge", tile)
     if int(tile_edge) != tile:
         raise CheckpointError(f"{f}: max_image_size.longest_edge={tile_edge} does not match the vision tower's "

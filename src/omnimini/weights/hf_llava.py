@@ -80,6 +80,17 @@ def read_preprocessor(d: Path) -> dict:
 RESAMPLE = {1: "lanczos", 2: "bilinear", 3: "bicubic"}  # PIL filter numbers in preprocessor configs
 
 
+def check_standard_steps(p: dict, d: Path) -> None:
+    """The preprocessing steps omnimini always applies (RGB, rescale by 1/255, normalise) must not be switched off
+    or changed in preprocessor config `p` of directory `d` (SigLIP families: Idefics3, Gemma 3)."""
+    f = d / PREPROCESSOR
+    for key in ("do_rescale", "do_normalize", "do_convert_rgb"):
+        if p.get(key) is False:
+            raise CheckpointError(f"{f}: {key}=false is not supported")
+    if abs(float(p.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:
+        raise CheckpointError(f"{f}: rescale_factor={p['rescale_factor']} is not supported (1/255)")
+
+
 def resample(p: dict, default: str) -> str:
     r = p.get("resample")
     if r is None:

@@ -47,6 +47,27 @@ def test_incremental_decoding_equals_full_forward(model):
     assert (inc - full).abs().max() < 1e-4
 
 
+def test_cache_grows_as_it_fills_and_keeps_what_it_holds(model, monkeypatch):
+    """A cache that starts small (the engine's) grows on the write that needs it, in GROW steps or doubling, never
+    past max_len, and computes exactly what a fully allocated cache computes."""
+    from omnimini.model.layers import KVCache
+    monkeypatch.setattr(KVCache, "GROW", 4)
+    ids = torch.randint(0, 96, (2, 30))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache(2, 30, reserve=2)
+        assert cache.capacity == 2 and cache.nbytes() < model.new_cache(2, 30).nbytes() / 10
+        step = [model(ids[:, :5], positions=torch.arange(5).expand(2, 5), cache=cache).logits]
+        assert cache.capacity == 8  # 5 rounded up to GROW
+        seen = []
+        for t in range(5, 30):
+            step.append(model(ids[:, t:t + 1], positions=torch.full((2, 1), t), cache=cache).logits)
+            seen.append(cache.capacity)
+    assert sorted(set(seen)) == [8, 16, 30]  # doubling, capped at max_len
+    assert all(k.shape[2] == 31 for k in cache.k + cache.v)  # plus the spare position
+    assert (torch.cat(step, dim=1) - full).abs().max() < 1e-4
+
+
 def test_cache_slots_are_independent(model):
     """Rows of the cache hold different sequences at different lengths (continuous batching's need)."""
     a, b = torch.randint(0, 96, (1, 9)), torch.randint(0, 96, (1, 5))

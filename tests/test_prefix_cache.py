@@ -53,6 +53,8 @@ def test_cached_prefix_gives_fresh_logits_and_reports_cached_tokens(model, tok):
     fresh = Engine(model, tok, max_batch=2, prefill_chunk=256, prefix_cache_tokens=0)
     try:
         rec_c, rec_f = Recorder(cached), Recorder(fresh)
+        # both pools start small and grow as they fill (a server's memory follows what it has served)
+        assert cached.cache.capacity == 256 and cached.prefix_cache.allocated_blocks == 8
         first = run(cached, a)[1]
         assert first.cached_tokens == 0
         rid_c, res_c = run(cached, b)
@@ -67,6 +69,8 @@ def test_cached_prefix_gives_fresh_logits_and_reports_cached_tokens(model, tok):
         assert again.cached_tokens == (len(b) - 1) // 32 * 32
         assert torch.allclose(rec_c.rows[rid_again][0], rec_f.rows[rid_f][0], atol=1e-5, rtol=0)
         assert cached.stats.prompt_tokens_cached_total == res_c.cached_tokens + again.cached_tokens
+        pc = cached.prefix_cache
+        assert cached.cache.capacity >= len(b) and pc.used_blocks <= pc.allocated_blocks < pc.capacity
     finally:
         cached.shutdown()
         fresh.shutdown()

@@ -161,6 +161,7 @@ class FastDecoder:
             if isinstance(mod, PackedLinear) and not hasattr(mod, "graph_handle"):
                 mod.graph_handle = register_packed(mod)
         self.model, self.cache = model, cache
+        cache.reserve(cache.max_len)  # the compiled step indexes the whole cache: a grown tensor would recompile
         with torch.no_grad():  # the eager model's own rotary, so the angles match it bit for bit
             cos, sin = model.rotary(torch.arange(cache.max_len)[None])
             self.cos, self.sin = cos[0, 0].contiguous(), sin[0, 0].contiguous()

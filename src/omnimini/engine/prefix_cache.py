@@ -63,13 +63,34 @@ class PrefixCache:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size = block_size
         self.capacity = max(0, capacity_tokens // block_size)  # blocks
+        # the pool grows as it fills (doubling, up to capacity): a quarter of the slots' budget is ~190 MB of
+        # SmolLM2's float16 keys/values, which a server that has seen a few prompts does not need
         k0 = kv_cache.k[0]
-        shape = (self.capacity, k0.shape[1], block_size, k0.shape[3])
-        self.k = [torch.zeros(shape, dtype=k0.dtype, device=k0.device) for _ in kv_cache.k]
-        self.v = [torch.zeros(shape, dtype=k0.dtype, device=k0.device) for _ in kv_cache.v]
+        self._block_shape, self._dtype, self._device = (k0.shape[1], block_size, k0.shape[3]), k0.dtype, k0.device
+        n = min(self.capacity, 8)
+        self.k = [self._zeros(n) for _ in kv_cache.k]
+        self.v = [self._zeros(n) for _ in kv_cache.v]
         self._where: OrderedDict[bytes, int] = OrderedDict()  # key -> pool block, oldest first
-        self._free = list(range(self.capacity - 1, -1, -1))
+        self._free = list(range(n - 1, -1, -1))
         self.stats = PrefixCacheStats()
+
+    def _zeros(self, blocks: int) -> torch.Tensor:
+        return torch.zeros((blocks, *self._block_shape), dtype=self._dtype, device=self._device)
+
+    @property
+    def allocated_blocks(self) -> int:
+        return self.k[0].shape[0] if self.k else 0
+
+    def _grow(self) -> bool:
+        old = self.allocated_blocks
+        new = min(self.capacity, max(8, 2 * old))
+        if new <= old:
+            return False
+        for pool in (self.k, self.v):
+            for i, t in enumerate(pool):
+                pool[i] = torch.cat([t, self._zeros(new - old)])
+        self._free = list(range(new - 1, old - 1, -1)) + self._free
+        return True
 
     @property
     def used_blocks(self) -> int:
@@ -87,6 +108,7 @@ class PrefixCache:
             return 0
         idx = torch.tensor([self._where[k] for k in keys[start_block:end]])
         bs, a, b = self.block_size, start_block * self.block_size, end * self.block_size
+        kv_cache.reserve(b)
         for dst, src in ((kv_cache.k, self.k), (kv_cache.v, self.v)):
             for layer in range(len(dst)):
                 blocks = src[layer][idx]  # [n, kvh, bs, d]
@@ -123,7 +145,7 @@ class PrefixCache:
         self.stats.stored_blocks += len(dst)
 
     def _allocate(self, protected: set[bytes]) -> int | None:
-        if self._free:
+        if self._free or self._grow():
             return self._free.pop()
         oldest = next(iter(self._where), None)
         if oldest is None or oldest in protected:

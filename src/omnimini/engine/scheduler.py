@@ -42,6 +42,7 @@ from omnimini.engine.generate import first_image
 from omnimini.engine.prefix_cache import PrefixCache, block_keys, image_digest
 from omnimini.engine.sampling import SamplingParams, adjust_logits, make_generator, sample_token
 from omnimini.engine.structured import Constraint, GrammarState
+from omnimini.model.layers import KVCache
 from omnimini.model.model import NO_IMAGE
 
 log = logging.getLogger("omnimini.engine")
@@ -225,7 +226,8 @@ class Engine:
         self._invalid = invalid if bool(invalid.any()) else None
         # the compiled decode step (fast_decode) attends in PyTorch: it keeps the float32 cache
         kv_dtype = model.kv_cache_dtype("fp32" if compile_decode and kv_cache == "auto" else kv_cache)
-        self.cache = model.new_cache(max_batch, self.max_context, dtype=kv_dtype)
+        # allocated as it fills (KVCache.reserve): a server of short chats never holds 16 x 2048 positions
+        self.cache = model.new_cache(max_batch, self.max_context, dtype=kv_dtype, reserve=KVCache.GROW)
         # prefix cache: its own pool beside the slots (default a quarter of the slots' KV budget); 0 turns it off
         pc = self.kv_budget // 4 if prefix_cache_tokens is None else prefix_cache_tokens
         self.prefix_cache = PrefixCache(self.cache, pc, prefix_block_size) if pc >= prefix_block_size else None

@@ -79,19 +79,48 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache:
     """Slot-based static cache: one row per sequence slot, keys/values written at explicit positions.
 
-    k[layer]: [slots, kv_heads, max_len + 1, head_dim] (one spare position, see __init__). The caller
+    k[layer]: [slots, kv_heads, capacity + 1, head_dim] (one spare position, see __init__). The caller
     (generator/engine) tracks each slot's length and passes positions; attention masks keys by position, so stale
     entries beyond a slot's length are never read.
+
+    `reserve` positions are allocated up front (default: all of max_len); the model's forward grows the cache
+    (`reserve(n)`) before it writes past that, in GROW-position steps or doubling, up to max_len. The engine starts
+    small: 16 slots x 2048 positions of SmolLM2's float16 keys/values are ~755 MB, most of a short-chat server's
+    memory, and a server that never sees long prompts never needs them.
     """
 
-    def __init__(self, cfg: ModelConfig, slots: int, max_len: int, device=None, dtype=torch.float32):
-        # one spare position past max_len, never written or attended: the compiled decode step slices the cache to
-        # a bucketed key length <= max_len, and a slice as long as the tensor itself made Dynamo specialise and
-        # recompile (minutes on a CPU) the moment a sequence reached the end of the cache
-        shape = (slots, cfg.num_kv_heads, max_len + 1, cfg.dim_head)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+    GROW = 256
+
+    def __init__(self, cfg: ModelConfig, slots: int, max_len: int, device=None, dtype=torch.float32,
+                 reserve: int | None = None):
         self.slots, self.max_len = slots, max_len
+        self._dims = (cfg.num_kv_heads, cfg.dim_head)
+        cap = max_len if reserve is None else max(1, min(reserve, max_len))
+        self.k = [self._zeros(cap, device, dtype) for _ in range(cfg.num_layers)]
+        self.v = [self._zeros(cap, device, dtype) for _ in range(cfg.num_layers)]
+
+    def _zeros(self, cap: int, device, dtype) -> torch.Tensor:
+        # one spare position past the capacity, never written or attended: the compiled decode step slices the
+        # cache to a bucketed key length <= max_len, and a slice as long as the tensor itself made Dynamo
+        # specialise and recompile (minutes on a CPU) the moment a sequence reached the end of the cache
+        kvh, d = self._dims
+        return torch.zeros((self.slots, kvh, cap + 1, d), device=device, dtype=dtype)
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2] - 1
+
+    def reserve(self, n: int) -> None:
+        """Make positions [0, n) writable (n capped at max_len), keeping what is cached."""
+        n, cap = min(n, self.max_len), self.capacity
+        if n <= cap:
+            return
+        new = min(self.max_len, max(-(-n // self.GROW) * self.GROW, 2 * cap))
+        for store in (self.k, self.v):
+            for i, old in enumerate(store):
+                t = self._zeros(new, old.device, old.dtype)
+                t[:, :, : cap + 1] = old
+                store[i] = t
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)

@@ -148,7 +148,10 @@ class OmniModel(nn.Module):
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        cache_len = cache.max_len if cache is not None else None
+        cache_len = None
+        if cache is not None:
+            cache_len = cache.max_len
+            cache.reserve(int(positions.max()) + 1)
         blocks = self._image_blocks(input_ids)
         mask = self._mask(positions, attention_mask, cache_len, image_blocks=blocks)
         window = self.config.sliding_window
@@ -255,9 +258,10 @@ class OmniModel(nn.Module):
 
     # ---- utilities -----------------------------------------------------------------------------------------
 
-    def new_cache(self, slots: int, max_len: int | None = None, dtype=None) -> KVCache:
+    def new_cache(self, slots: int, max_len: int | None = None, dtype=None, reserve: int | None = None) -> KVCache:
+        """reserve: positions allocated now (None: all of max_len); the forward grows the cache as it fills."""
         p = next(self.parameters())
-        return KVCache(self.config, slots, max_len or self.config.max_seq_len, p.device, dtype or p.dtype)
+        return KVCache(self.config, slots, max_len or self.config.max_seq_len, p.device, dtype or p.dtype, reserve)
 
     def kv_cache_dtype(self, kind: str = "auto") -> torch.dtype:
         """The KV cache's dtype for `kind` (config.KV_CACHE_KINDS): fp32 | fp16 | auto. auto is float16 when every

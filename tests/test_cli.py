@@ -79,3 +79,19 @@ def test_train_module_entry_point_reports_bad_settings_in_one_line(tmp_path, cap
     rc = train_main([str(cfg), "--set", "warmup_steps=999", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert rc == 2 and "warmup_steps 999" in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_retired_compile_flag_is_accepted_with_a_notice(capsys):
+    """`--compile` (the retired compiled decode step) still parses, so old scripts keep working, and says why it
+    no longer does anything."""
+    import argparse
+
+    from omnimini.runtime import COMPILE_RETIRED
+    from omnimini.serve.config import add_serve_args, serve_config_from_args
+
+    p = argparse.ArgumentParser()
+    add_serve_args(p)
+    cfg = serve_config_from_args(p.parse_args(["--compile"]))
+    assert not hasattr(cfg, "compile_decode")
+    assert COMPILE_RETIRED in capsys.readouterr().err
+    assert "--compile" not in p.format_help()

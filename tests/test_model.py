@@ -64,7 +64,7 @@ def test_cache_grows_as_it_fills_and_keeps_what_it_holds(model, monkeypatch):
             step.append(model(ids[:, t:t + 1], positions=torch.full((2, 1), t), cache=cache).logits)
             seen.append(cache.capacity)
     assert sorted(set(seen)) == [8, 16, 30]  # doubling, capped at max_len
-    assert all(k.shape[2] == 31 for k in cache.k + cache.v)  # plus the spare position
+    assert all(k.shape[2] == 30 for k in cache.k + cache.v)
     assert (torch.cat(step, dim=1) - full).abs().max() < 1e-4
 
 

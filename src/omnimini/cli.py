@@ -132,8 +132,12 @@ def cmd_chat(args) -> int:
                         system=args.system, temperature=args.temperature) or 0
     from omnimini.runtime import local_stream_fn
 
+    if args.compile_decode:
+        from omnimini.runtime import COMPILE_RETIRED
+
+        print(COMPILE_RETIRED, file=sys.stderr)
     model, tok = _load(args)
-    stream = local_stream_fn(model, tok, temperature=args.temperature, compile_decode=args.compile_decode)
+    stream = local_stream_fn(model, tok, temperature=args.temperature)
     return run_chat(stream_fn=stream, system=args.system) or 0
 
 
@@ -184,8 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--quantize", choices=QUANTIZE_MODES, default="auto")
-    p.add_argument("--compile", action="store_true", dest="compile_decode",
-                   help="compile the decode step (faster tokens; 1-3 min the first time, then cached)")
+    p.add_argument("--compile", action="store_true", dest="compile_decode", help=argparse.SUPPRESS)  # retired
     p.set_defaults(fn=cmd_chat)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")

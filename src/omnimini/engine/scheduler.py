@@ -198,7 +198,7 @@ class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 16, max_context: int | None = None,
                  kv_budget_tokens: int | None = None, prefill_chunk: int = 256, name: str = "model",
                  threads: int | None = int(os.environ.get("OMNIMINI_ENGINE_THREADS", "1")),
-                 compile_decode: bool = False, prefix_cache_tokens: int | None = None,
+                 prefix_cache_tokens: int | None = None,
                  prefix_block_size: int = 32, kv_cache: str = "auto"):
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch ({max_batch}) and prefill_chunk ({prefill_chunk}) must be >= 1")
@@ -224,16 +224,13 @@ class Engine:
             # placeholder without an image (a 400 for a stored conversation continued with previous_response_id)
             invalid[cfg.image_token_id] = True
         self._invalid = invalid if bool(invalid.any()) else None
-        # the compiled decode step (fast_decode) attends in PyTorch: it keeps the float32 cache
-        kv_dtype = model.kv_cache_dtype("fp32" if compile_decode and kv_cache == "auto" else kv_cache)
+        kv_dtype = model.kv_cache_dtype(kv_cache)
         # allocated as it fills (KVCache.reserve): a server of short chats never holds 16 x 2048 positions
         self.cache = model.new_cache(max_batch, self.max_context, dtype=kv_dtype, reserve=KVCache.GROW)
         # prefix cache: its own pool beside the slots (default a quarter of the slots' KV budget); 0 turns it off
         pc = self.kv_budget // 4 if prefix_cache_tokens is None else prefix_cache_tokens
         self.prefix_cache = PrefixCache(self.cache, pc, prefix_block_size) if pc >= prefix_block_size else None
-        self.compile_decode = compile_decode
-        self._fast = None  # compiled decode step (fast_decode.FastDecoder), built in the engine thread
-        self.ready = threading.Event()  # set once the engine thread serves (after compiling, if asked to)
+        self.ready = threading.Event()  # set once the engine thread serves
         self.stats = EngineStats()
         self._free_slots = list(range(max_batch))
         self._interactive_slots = max_batch // 4 if max_batch >= 4 else (1 if max_batch > 1 else 0)
@@ -380,8 +377,6 @@ class Engine:
         if self.threads:
             # measured: 2 OpenMP threads driven from a non-main Python thread decode ~2x slower than 1 here
             torch.set_num_threads(self.threads)
-        if self.compile_decode:
-            self._build_fast_decoder()
         self.ready.set()
         while True:
             with self._cv:
@@ -415,24 +410,6 @@ class Engine:
         digests = [image_digest(p) for p in req.pixels] if req.pixels is not None else None
         tpi = cfg.vision.tokens_per_image if cfg.vision is not None else 0
         return block_keys(req.prompt_ids, self.prefix_cache.block_size, cfg.image_token_id, digests, tpi)
-
-    def _build_fast_decoder(self) -> None:
-        """Compile the decode step before serving (requests queue meanwhile); on any failure decode stays eager."""
-        from omnimini.engine.fast_decode import FastDecoder, supports
-
-        reason = supports(self.model)
-        if reason:
-            log.warning("compiled decode unavailable for %s (%s): decoding eagerly", self.name, reason)
-            return
-        t = time.perf_counter()
-        try:
-            fast = FastDecoder(self.model, self.cache)
-            fast.warm_up(self.max_batch)
-        except Exception:
-            log.exception("compiling the decode step failed: decoding eagerly")
-            return
-        self._fast = fast
-        log.info("compiled decode step ready for %s in %.1f s", self.name, time.perf_counter() - t)
 
     def _can_admit(self, r: _Req) -> bool:
         keep = self._interactive_slots if r.req.priority > 0 else 0
@@ -580,12 +557,9 @@ class Engine:
         pos = torch.tensor([[s.cached] for s in seqs])
         slots = torch.tensor([s.slot for s in seqs])
         image_from = self._image_from([s.req for s in seqs])
-        if self._fast is not None and image_from is None:  # (the compiled step has no image adapters)
-            logits = self._fast(ids[:, 0], pos[:, 0], slots).float()
-        else:
-            out = self.model(ids, positions=pos, cache=self.cache, slots=slots, image_from=image_from,
-                             logits_for="last")
-            logits = out.logits[:, -1].float()
+        out = self.model(ids, positions=pos, cache=self.cache, slots=slots, image_from=image_from,
+                         logits_for="last")
+        logits = out.logits[:, -1].float()
         for i, s in enumerate(seqs):
             s.cached += 1
             if s.finished is None:

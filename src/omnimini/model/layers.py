@@ -79,7 +79,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache:
     """Slot-based static cache: one row per sequence slot, keys/values written at explicit positions.
 
-    k[layer]: [slots, kv_heads, capacity + 1, head_dim] (one spare position, see __init__). The caller
+    k[layer]: [slots, kv_heads, capacity, head_dim]. The caller
     (generator/engine) tracks each slot's length and passes positions; attention masks keys by position, so stale
     entries beyond a slot's length are never read.
 
@@ -100,15 +100,12 @@ class KVCache:
         self.v = [self._zeros(cap, device, dtype) for _ in range(cfg.num_layers)]
 
     def _zeros(self, cap: int, device, dtype) -> torch.Tensor:
-        # one spare position past the capacity, never written or attended: the compiled decode step slices the
-        # cache to a bucketed key length <= max_len, and a slice as long as the tensor itself made Dynamo
-        # specialise and recompile (minutes on a CPU) the moment a sequence reached the end of the cache
         kvh, d = self._dims
-        return torch.zeros((self.slots, kvh, cap + 1, d), device=device, dtype=dtype)
+        return torch.zeros((self.slots, kvh, cap, d), device=device, dtype=dtype)
 
     @property
     def capacity(self) -> int:
-        return self.k[0].shape[2] - 1
+        return self.k[0].shape[2]
 
     def reserve(self, n: int) -> None:
         """Make positions [0, n) writable (n capped at max_len), keeping what is cached."""
@@ -119,7 +116,7 @@ class KVCache:
         for store in (self.k, self.v):
             for i, old in enumerate(store):
                 t = self._zeros(new, old.device, old.dtype)
-                t[:, :, : cap + 1] = old
+                t[:, :, :cap] = old
                 store[i] = t
 
     def nbytes(self) -> int:

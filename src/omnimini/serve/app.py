@@ -73,7 +73,7 @@ def build_app(config: ServeConfig, registry: ModelRegistry | None = None) -> Fas
     registry = registry or load_registry(
         config.models, config.aliases, config.quantize, config.mmproj, max_batch=config.max_batch,
         max_context=config.max_context, kv_budget_tokens=config.kv_budget_tokens, prefill_chunk=config.prefill_chunk,
-        compile_decode=config.compile_decode, prefix_cache_tokens=config.prefix_cache_tokens,
+        prefix_cache_tokens=config.prefix_cache_tokens,
         kv_cache=config.kv_cache)
     limiter = ConcurrencyLimiter(config.limits.max_concurrent, config.limits.retry_after_s)
     metrics = Metrics(registry)
@@ -115,7 +115,7 @@ def build_app(config: ServeConfig, registry: ModelRegistry | None = None) -> Fas
 
     @app.get("/health")
     async def health():
-        # 503 while an engine still compiles its decode step (--compile): requests would queue until it is done
+        # 503 until every engine thread serves: requests would only queue
         starting = [m for m, s in registry.models.items() if not s.engine.ready.is_set()]
         if starting:
             return JSONResponse({"status": "starting", "models": list(registry.models), "starting": starting}, 503)

@@ -26,7 +26,6 @@ class ServeConfig:
     max_context: int | None = 2048  # per-sequence KV rows (allocated up front for every slot); capped by the model
     kv_budget_tokens: int | None = None
     prefill_chunk: int = 256
-    compile_decode: bool = False  # torch.compile the decode step (1-3 min at first start, cached on disk)
     prefix_cache_tokens: int | None = None  # KV tokens of pooled prompt prefixes (None: engine default, 0: off)
     kv_cache: str = "auto"  # KV cache dtype: auto (float16 where the decode kernel reads it) | fp16 | fp32
     limits: ServeLimits = field(default_factory=ServeLimits)
@@ -70,16 +69,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", type=int, default=d.max_context, help="max tokens per sequence (KV rows)")
     p.add_argument("--kv-budget-tokens", type=int, default=None, help="KV tokens reserved at once (queue beyond)")
     p.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk)
-    p.add_argument("--compile", action="store_true", dest="compile_decode",
-                   help="compile the decode step with torch.compile (dense models; ~1.5x decode tokens/s; the "
-                        "first start compiles for 1-3 min, later starts reuse Inductor's on-disk cache)")
+    p.add_argument("--compile", action="store_true", dest="compile_decode", help=argparse.SUPPRESS)  # retired
     p.add_argument("--prefix-cache-tokens", type=int, default=None,
                    help="KV tokens kept for automatic prompt-prefix caching, LRU (default: a quarter of the KV "
                         "budget)")
     p.add_argument("--no-prefix-cache", action="store_true", help="turn automatic prompt-prefix caching off")
     p.add_argument("--kv-cache", default=d.kv_cache, choices=("auto", "fp16", "fp32"),
                    help="KV cache dtype (default auto: float16, half the memory, where omnimini's decode kernel "
-                        "reads it: quantized models on CPU without --compile; else float32)")
+                        "reads it: quantized models on CPU; else float32)")
     p.add_argument("--max-concurrent", type=int, default=lim.max_concurrent, help="in-flight requests before 429")
     p.add_argument("--max-tokens-limit", type=int, default=lim.max_tokens, help="largest max_tokens accepted")
     p.add_argument("--max-body-bytes", type=int, default=lim.max_body_bytes)
@@ -98,6 +95,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
+    if args.compile_decode:
+        import sys
+
+        from omnimini.runtime import COMPILE_RETIRED
+
+        print(COMPILE_RETIRED, file=sys.stderr)
     lim = ServeLimits(max_body_bytes=args.max_body_bytes, max_image_bytes=args.max_image_bytes,
                       max_image_pixels=args.max_image_pixels, max_tokens=args.max_tokens_limit,
                       max_concurrent=args.max_concurrent, max_file_bytes=args.max_file_bytes)
@@ -106,7 +109,7 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(models=args.models or [None], aliases=aliases, host=args.host, port=args.port,
                        api_keys=args.api_keys, quantize=args.quantize, mmproj=args.mmproj, max_batch=args.max_batch,
                        max_context=args.max_context, kv_budget_tokens=args.kv_budget_tokens,
-                       prefill_chunk=args.prefill_chunk, compile_decode=args.compile_decode, limits=lim,
+                       prefill_chunk=args.prefill_chunk, limits=lim,
                        prefix_cache_tokens=0 if args.no_prefix_cache else args.prefix_cache_tokens,
                        cors_origins=args.cors_origins, allow_remote_images=args.allow_remote_images,
                        log_level=args.log_level, state_dir=args.state_dir,

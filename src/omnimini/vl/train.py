@@ -93,12 +93,12 @@ def warmup_batch(step: int, cfg: StageConfig, vcfg) -> tuple[torch.Tensor, dict]
 class AlignData:
     """Chat samples with one image each, plus the image's dense targets where its generator gives them."""
 
-    def __init__(self, tok, vcfg, seq_len: int = 512):
+    def __init__(self, tok, vcfg, seq_len: int = 512, mix: dict[str, float] | None = None):
         self.tok, self.vcfg, self.seq_len = tok, vcfg, seq_len
         self.shapes = ShapesFamily(image_size=vcfg.image_size)
         self.qa = make_family("qa", vcfg.image_size)
         self.pointing = make_family("pointing", vcfg.image_size)
-        names, weights = zip(*MIX.items(), strict=True)
+        names, weights = zip(*(mix or MIX).items(), strict=True)
         self.names, self.weights = list(names), list(weights)
 
     def source(self, step: int) -> str:
@@ -324,7 +324,8 @@ def word_embeddings(model, tok) -> torch.Tensor:
 
 
 def build(out: Path, warmup: StageConfig = WARMUP, align: StageConfig = ALIGN, threads: int = 2,
-          vision_file: Path | None = None, init_from: Path | None = None) -> dict:
+          vision_file: Path | None = None, init_from: Path | None = None, mix: dict[str, float] | None = None,
+          ) -> dict:
     """Both stages from the default text model; writes out/omnimini-vl-vision.safetensors (and vision_file).
     With `init_from` (a vision file, e.g. the shipped one) the vision weights and adapters start from it and the
     warm-up is skipped: a further align run on a finished model whose checkpoints are gone (the dense heads,
@@ -341,12 +342,12 @@ def build(out: Path, warmup: StageConfig = WARMUP, align: StageConfig = ALIGN, t
     for p in vl_parameters(model):
         p.requires_grad_(True)
     heads = DenseHeads(model.config.hidden_size, model.config.vision.tokens_per_image, word_embeddings(model, tok))
-    report = {"warmup": asdict(warmup), "align": asdict(align)}
+    report = {"warmup": asdict(warmup), "align": asdict(align), "mix": mix or MIX}
     t0 = time.time()
     with (out / "log.jsonl").open("a") as log:
         if init_from is None:
             report["warmup_metrics"] = run_stage("warmup", warmup, model, heads, out, None, log)
-        data = AlignData(tok, model.config.vision)
+        data = AlignData(tok, model.config.vision, mix=mix)
         report["align_metrics"] = run_stage("align", align, model, heads, out, data, log)
     report["wall_s_this_run"] = round(time.time() - t0, 1)
     target = out / spec.VISION_FILE.name
@@ -386,6 +387,8 @@ def main(argv=None) -> int:
     ap.add_argument("--aux-weight", type=float, default=ALIGN.aux_weight,
                     help="weight of the dense heads' loss in the align stage (0 with --init-from: the heads are not "
                          "in the vision file and would restart from noise, pulling the encoder with them)")
+    ap.add_argument("--mix", default=None, metavar="SRC=W,...",
+                    help=f"align sources and weights (default {','.join(f'{k}={v}' for k, v in MIX.items())})")
     ap.add_argument("--export", metavar="FILE", default=None,
                     help="only write FILE from the run's newest checkpoint (no training)")
     a = ap.parse_args(argv)
@@ -406,7 +409,16 @@ def main(argv=None) -> int:
         ap.error(f"--aux-weight must be >= 0, got {a.aux_weight}")
     al = StageConfig(**{**asdict(ALIGN), "steps": a.align_steps, "warmup": min(ALIGN.warmup, a.align_steps),
                         "lr": a.align_lr, "aux_weight": a.aux_weight})
-    build(Path(a.out), w, al, a.threads, spec.VISION_FILE if a.install else None, init)
+    mix = None
+    if a.mix:
+        try:
+            mix = {k.strip(): float(v) for k, v in (part.split("=") for part in a.mix.split(","))}
+        except ValueError:
+            ap.error(f"--mix must look like scene_qa=4,shapes_qa=2, got {a.mix!r}")
+        bad = [k for k in mix if k not in MIX]
+        if bad or not all(v >= 0 for v in mix.values()) or not sum(mix.values()):
+            ap.error(f"--mix: sources are {', '.join(MIX)} with weights >= 0, not all 0 (got {a.mix!r})")
+    build(Path(a.out), w, al, a.threads, spec.VISION_FILE if a.install else None, init, mix)
     return 0
 
 

@@ -75,6 +75,32 @@ def byte_level_tokenizer(w: gguf.GGUFWriter, extra_tokens: int = 0, pad: bool = 
     w.add_chat_template(TEMPLATE)
 
 
+def vocab_of(tokenizer_json, template: str, bos: str | None, eos: str, extra=None):
+    """A tokenizer_fn writing the vocabulary of a test's byte-level tokenizer.json (256 bytes, then its added
+    tokens by id) as a gpt2 GGUF vocabulary with that chat template; extra(w) writes more keys beside it."""
+    import json
+
+    hf_tok = json.loads(tokenizer_json.read_text())
+    tokens = [BYTE_TO_CHAR[b] for b in range(256)] + [t["content"] for t in sorted(hf_tok["added_tokens"],
+                                                                                   key=lambda t: t["id"])]
+
+    def write(w: gguf.GGUFWriter) -> None:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("smollm")
+        w.add_token_list(tokens)
+        w.add_token_types([1] * 256 + [3] * (len(tokens) - 256))
+        w.add_token_merges([])
+        if bos is not None:
+            w.add_bos_token_id(tokens.index(bos))
+        w.add_eos_token_id(tokens.index(eos))
+        w.add_pad_token_id(0)
+        w.add_chat_template(template)
+        if extra is not None:
+            extra(w)
+
+    return write
+
+
 def _tensors(model, arch: str):
     c = model.config
     layer_names = {**_LAYER, **_GEMMA_LAYER} if arch == "gemma3" else _LAYER
@@ -125,11 +151,7 @@ def write_gguf_from_hf(path, model, qtype=None, tokenizer_fn=byte_level_tokenize
             w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(name, a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return _finish(w, path)
 
 
 # CLIP tower tensors (below vision_model.) -> llama.cpp mmproj names; fc1 / fc2 as the legacy converter
@@ -138,30 +160,68 @@ _CLIP = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.
          "self_attn.out_proj": "attn_out", "layer_norm1": "ln1", "layer_norm2": "ln2"}
 
 
+def _clip_writer(path, v, projector: str, mean, std, patch_size=None) -> gguf.GGUFWriter:
+    """An mmproj GGUF's header keys for the tower config `v` (a transformers vision config)."""
+    w = gguf.GGUFWriter(str(path), "clip")
+    w.add_bool("clip.has_text_encoder", False)
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_string("clip.projector_type", projector)
+    w.add_uint32("clip.vision.image_size", v.image_size)
+    w.add_uint32("clip.vision.patch_size", patch_size or v.patch_size)
+    w.add_uint32("clip.vision.embedding_length", v.hidden_size)
+    w.add_uint32("clip.vision.feed_forward_length", v.intermediate_size)
+    w.add_uint32("clip.vision.attention.head_count", v.num_attention_heads)
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", v.layer_norm_eps)
+    w.add_uint32("clip.vision.block_count", v.num_hidden_layers)
+    w.add_array("clip.vision.image_mean", list(mean))
+    w.add_array("clip.vision.image_std", list(std))
+    return w
+
+
+def _finish(w: gguf.GGUFWriter, path):
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+_TOWER_NAME = re.compile(r"(?:model\.)?(?:vision_tower\.(?:vision_model\.)?|vision_model\.)(.+)$")
+
+
+def _tower_tensor(name: str, fc: dict, top: dict) -> str | None:
+    """gguf-py's name of a transformers tower tensor (None: skip it); fc names the MLP's two layers."""
+    if name.startswith("encoder.layers."):
+        _, _, i, rest = name.split(".", 3)
+        base, kind = rest.rsplit(".", 1)
+        return f"v.blk.{i}.{_CLIP.get(base) or fc[base]}.{kind}"
+    return top.get(name)
+
+
+_SIGLIP_TOP = {"embeddings.patch_embedding.weight": "v.patch_embd.weight",
+               "embeddings.patch_embedding.bias": "v.patch_embd.bias",
+               "embeddings.position_embedding.weight": "v.position_embd.weight",
+               "post_layernorm.weight": "v.post_ln.weight", "post_layernorm.bias": "v.post_ln.bias"}
+_SIGLIP_FC = {"mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down"}
+
+
 def write_mmproj_from_llava(path, llava, legacy=True, feature_layer_key=True, patch_size=None, drop_out_rows=0):
     """A transformers LLaVA's CLIP tower + projector as a llama.cpp mmproj GGUF (architecture "clip").
     patch_size / drop_out_rows: a deliberately mismatched file (metadata patch size, projector output width)."""
     c = llava.config
     v = c.vision_config
-    w = gguf.GGUFWriter(str(path), "clip")
-    w.add_bool("clip.has_text_encoder", False)
-    w.add_bool("clip.has_vision_encoder", True)
+    w = _clip_writer(path, v, "mlp", (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711),
+                     patch_size)
     w.add_bool("clip.has_llava_projector", True)
-    w.add_string("clip.projector_type", "mlp")
-    w.add_uint32("clip.vision.image_size", v.image_size)
-    w.add_uint32("clip.vision.patch_size", patch_size or v.patch_size)
-    w.add_uint32("clip.vision.embedding_length", v.hidden_size)
-    w.add_uint32("clip.vision.feed_forward_length", v.intermediate_size)
     w.add_uint32("clip.vision.projection_dim", 0)
-    w.add_uint32("clip.vision.attention.head_count", v.num_attention_heads)
-    w.add_float32("clip.vision.attention.layer_norm_epsilon", v.layer_norm_eps)
-    w.add_uint32("clip.vision.block_count", v.num_hidden_layers)
     if feature_layer_key:  # hidden-state index, as the converter writes LLaVA's -2
         w.add_array("clip.vision.feature_layer", [v.num_hidden_layers + 1 + c.vision_feature_layer])
-    w.add_array("clip.vision.image_mean", [0.48145466, 0.4578275, 0.40821073])
-    w.add_array("clip.vision.image_std", [0.26862954, 0.26130258, 0.27577711])
     w.add_bool("clip.use_gelu", v.hidden_act == "gelu")
-    fc = {"mlp.fc1": "ffn_down", "mlp.fc2": "ffn_up"} if legacy else {"mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down"}
+    fc = {"mlp.fc1": "ffn_down", "mlp.fc2": "ffn_up"} if legacy else _SIGLIP_FC
+    # LLaVA reads a layer before the final norm: the converter drops it
+    top = {"embeddings.class_embedding": "v.class_embd", "embeddings.patch_embedding.weight": "v.patch_embd.weight",
+           "embeddings.position_embedding.weight": "v.position_embd.weight", "pre_layrnorm.weight": "v.pre_ln.weight",
+           "pre_layrnorm.bias": "v.pre_ln.bias"}
     for name, t in llava.state_dict().items():
         a = t.detach().float().numpy()
         if "multi_modal_projector." in name:
@@ -169,27 +229,9 @@ def write_mmproj_from_llava(path, llava, legacy=True, feature_layer_key=True, pa
             if layer == "linear_2" and drop_out_rows:
                 a = a[:-drop_out_rows]
             w.add_tensor(f"mm.{0 if layer == 'linear_1' else 2}.{kind}", np.ascontiguousarray(a))
-            continue
-        m = re.match(r"(?:model\.)?vision_tower\.(?:vision_model\.)?(.+)$", name)
-        if m is None:
-            continue  # the language model: model.gguf
-        name = m[1]
-        if name.startswith("encoder.layers."):
-            _, _, i, rest = name.split(".", 3)
-            base, kind = rest.rsplit(".", 1)
-            out = f"v.blk.{i}.{_CLIP.get(base) or fc[base]}.{kind}"
-        elif name.startswith("post_layernorm."):
-            continue  # as the converter does for LLaVA, which reads a layer before it
-        else:
-            out = {"embeddings.class_embedding": "v.class_embd", "embeddings.patch_embedding.weight":
-                   "v.patch_embd.weight", "embeddings.position_embedding.weight": "v.position_embd.weight",
-                   "pre_layrnorm.weight": "v.pre_ln.weight", "pre_layrnorm.bias": "v.pre_ln.bias"}[name]
-        w.add_tensor(out, np.ascontiguousarray(a))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+        elif (m := _TOWER_NAME.match(name)) and (out := _tower_tensor(m[1], fc, top)):
+            w.add_tensor(out, np.ascontiguousarray(a))
+    return _finish(w, path)
 
 
 def write_mmproj_from_gemma3(path, gemma3, scale_factor_key=True, scale_factor=None):
@@ -198,19 +240,7 @@ def write_mmproj_from_gemma3(path, gemma3, scale_factor_key=True, scale_factor=N
     Hugging Face [vision, text] layout, as llama.cpp's converter writes them."""
     c = gemma3.config
     v = c.vision_config
-    w = gguf.GGUFWriter(str(path), "clip")
-    w.add_bool("clip.has_text_encoder", False)
-    w.add_bool("clip.has_vision_encoder", True)
-    w.add_string("clip.projector_type", "gemma3")
-    w.add_uint32("clip.vision.image_size", v.image_size)
-    w.add_uint32("clip.vision.patch_size", v.patch_size)
-    w.add_uint32("clip.vision.embedding_length", v.hidden_size)
-    w.add_uint32("clip.vision.feed_forward_length", v.intermediate_size)
-    w.add_uint32("clip.vision.attention.head_count", v.num_attention_heads)
-    w.add_float32("clip.vision.attention.layer_norm_epsilon", v.layer_norm_eps)
-    w.add_uint32("clip.vision.block_count", v.num_hidden_layers)
-    w.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
-    w.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+    w = _clip_writer(path, v, "gemma3", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     w.add_bool("clip.use_gelu", True)
     if scale_factor_key:  # scale_factor: a deliberately wrong one
         side = v.image_size // v.patch_size
@@ -220,26 +250,29 @@ def write_mmproj_from_gemma3(path, gemma3, scale_factor_key=True, scale_factor=N
         a = t.detach().float().numpy()
         if name.endswith("multi_modal_projector.mm_input_projection_weight"):
             w.add_tensor("mm.input_projection.weight", np.ascontiguousarray(a))
-            continue
-        if name.endswith("multi_modal_projector.mm_soft_emb_norm.weight"):
+        elif name.endswith("multi_modal_projector.mm_soft_emb_norm.weight"):
             w.add_tensor("mm.soft_emb_norm.weight", np.ascontiguousarray(a + 1.0))
-            continue
-        m = re.match(r"(?:model\.)?vision_tower\.(?:vision_model\.)?(.+)$", name)
-        if m is None or m[1].startswith("head."):
-            continue  # the language model (model.gguf), SigLIP's unused pooling head
-        name = m[1]
-        if name.startswith("encoder.layers."):
-            _, _, i, rest = name.split(".", 3)
-            base, kind = rest.rsplit(".", 1)
-            out = f"v.blk.{i}.{_CLIP.get(base) or {'mlp.fc1': 'ffn_up', 'mlp.fc2': 'ffn_down'}[base]}.{kind}"
-        else:
-            out = {"embeddings.patch_embedding.weight": "v.patch_embd.weight",
-                   "embeddings.patch_embedding.bias": "v.patch_embd.bias",
-                   "embeddings.position_embedding.weight": "v.position_embd.weight",
-                   "post_layernorm.weight": "v.post_ln.weight", "post_layernorm.bias": "v.post_ln.bias"}[name]
-        w.add_tensor(out, np.ascontiguousarray(a))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+        elif (m := _TOWER_NAME.match(name)) and (out := _tower_tensor(m[1], _SIGLIP_FC, _SIGLIP_TOP)):
+            w.add_tensor(out, np.ascontiguousarray(a))  # (SigLIP's unused pooling head has no name: skipped)
+    return _finish(w, path)
+
+
+def write_mmproj_from_idefics3(path, idefics3, preproc_size=None, scale_factor_key=True, scale_factor=None):
+    """A transformers Idefics3 / SmolVLM tower + connector as a llama.cpp mmproj GGUF (projector type "idefics3"):
+    the connector's Linear as mm.model.fc, the processor's longest edge as clip.vision.preproc_image_size
+    (preproc_size; None: left out, an older converter's file)."""
+    c = idefics3.config
+    v = c.vision_config
+    w = _clip_writer(path, v, "idefics3", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    w.add_bool("clip.use_gelu", True)
+    if scale_factor_key:
+        w.add_uint32("clip.vision.projector.scale_factor", scale_factor or c.scale_factor)
+    if preproc_size is not None:
+        w.add_uint32("clip.vision.preproc_image_size", preproc_size)
+    for name, t in idefics3.state_dict().items():
+        a = t.detach().float().numpy()
+        if name.endswith("connector.modality_projection.proj.weight"):
+            w.add_tensor("mm.model.fc.weight", np.ascontiguousarray(a))
+        elif (m := _TOWER_NAME.match(name)) and (out := _tower_tensor(m[1], _SIGLIP_FC, _SIGLIP_TOP)):
+            w.add_tensor(out, np.ascontiguousarray(a))
+    return _finish(w, path)

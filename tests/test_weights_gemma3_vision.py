@@ -188,30 +188,16 @@ def test_gguf_model_and_gemma3_mmproj_give_the_hf_load(gemma3, tmp_path):
     """llama.cpp's layout: the Gemma 3 text model as model.gguf + the tower and projector as mmproj.gguf
     (projector type gemma3); loaded with --mmproj they give the HF directory's logits on the padded batch."""
     pytest.importorskip("gguf")
-    from gguf_from_hf import write_gguf_from_hf, write_mmproj_from_gemma3
+    from gguf_from_hf import vocab_of, write_gguf_from_hf, write_mmproj_from_gemma3
 
     from omnimini.runtime import load_for_inference
-    from omnimini.tokenizer import BYTE_TO_CHAR
     from omnimini.weights.gguf_loader import GGUFError
     from omnimini.weights.gguf_mmproj import attach_mmproj
 
     ref, d, processor = gemma3
-    hf_tok = json.loads((d / "tokenizer.json").read_text())
-    added = sorted((t["id"], t["content"]) for t in hf_tok["added_tokens"])
-    tokens = [BYTE_TO_CHAR[b] for b in range(256)] + [t for _, t in added]
-
-    def vocab(w):  # (and the layer pattern: what the converter writes beside the vocabulary)
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("smollm")
-        w.add_token_list(tokens)
-        w.add_token_types([1] * 256 + [3] * (len(tokens) - 256))
-        w.add_token_merges([])
-        w.add_bos_token_id(tokens.index("<bos>"))
-        w.add_eos_token_id(tokens.index("<end_of_turn>"))
-        w.add_pad_token_id(0)
-        w.add_chat_template(TEMPLATE)
-        # this model's own layer pattern (llama.cpp's default is five sliding layers, then a global one)
-        w.add_array("gemma3.attention.sliding_window_pattern", [True, True, False])
+    # this model's own layer pattern (llama.cpp's default is five sliding layers, then a global one)
+    vocab = vocab_of(d / "tokenizer.json", TEMPLATE, "<bos>", "<end_of_turn>", lambda w: w.add_array(
+        "gemma3.attention.sliding_window_pattern", [True, True, False]))
 
     lm = transformers.Gemma3ForCausalLM(ref.config.text_config).eval()
     state = {"model." + k: v for k, v in ref.model.language_model.state_dict().items()}

@@ -191,6 +191,61 @@ def test_missing_preprocessor_config_and_framing_tokens_are_named(idefics3, tmp_
     assert cfg["model_type"] == "idefics3"
 
 
+def test_gguf_model_and_idefics3_mmproj_give_the_hf_load(idefics3, tmp_path):
+    """llama.cpp's layout: the Llama text model as model.gguf + the SigLIP tower and connector as mmproj.gguf
+    (projector type idefics3). With the processor's longest edge in the file: the same tiles, prompt ids and
+    pixels as the HF directory, and its logits on a padded batch with images; without it (an older converter):
+    one whole-image tile, as older llama.cpp reads it; a scale factor that does not fit the connector is named."""
+    pytest.importorskip("gguf")
+    from gguf_from_hf import vocab_of, write_gguf_from_hf, write_mmproj_from_idefics3
+
+    from omnimini.runtime import load_for_inference
+    from omnimini.weights.gguf_loader import GGUFError
+    from omnimini.weights.gguf_mmproj import attach_mmproj
+
+    ref, d, _ = idefics3
+    lm = transformers.LlamaForCausalLM(ref.config.text_config).eval()
+    lm.load_state_dict({**{"model." + k: v for k, v in ref.model.text_model.state_dict().items()},
+                        "lm_head.weight": ref.lm_head.weight})
+    vocab = vocab_of(d / "tokenizer.json", TEMPLATE, None, "<end_of_utterance>")
+    model_path = write_gguf_from_hf(tmp_path / "model.gguf", lm, tokenizer_fn=vocab)
+    mm = write_mmproj_from_idefics3(tmp_path / "mmproj.gguf", ref, preproc_size=2 * TILE)
+    model, tok = load_for_inference(str(model_path), quantize="none", mmproj=str(mm))
+    v = model.config.vision
+    assert (v.projector, v.split_images, v.max_edge, v.tokens_per_image) == ("linear", True, 2 * TILE, SEQ)
+    hf_model, hf_tok = load_hf(d)
+    images, texts = _images()[:2], ["Describe it.", "What is in this long picture?"]
+
+    def encode(m, t, img, text):
+        return encode_messages(m, t, [{"role": "user", "content": [{"type": "image", "image": img},
+                                                                  {"type": "text", "text": text}]}])
+
+    ours = [encode(model, tok, img, t) for img, t in zip(images, texts, strict=True)]
+    want = [encode(hf_model, hf_tok, img, t) for img, t in zip(images, texts, strict=True)]
+    for (ids, px), (ids_hf, px_hf) in zip(ours, want, strict=True):
+        assert ids == ids_hf
+        torch.testing.assert_close(px, px_hf, atol=0, rtol=0)
+    assert [p.shape[0] for _, p in ours] == [5, 3]  # 2x2 and 1x2 tiles + the whole image
+    T = max(len(i) for i, _ in ours)
+    ids = torch.tensor([i + [0] * (T - len(i)) for i, _ in ours])
+    mask = torch.tensor([[1] * len(i) + [0] * (T - len(i)) for i, _ in ours])
+    pixels = torch.cat([p for _, p in ours])
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask, pixels=pixels).logits
+        exp = hf_model(ids, attention_mask=mask, pixels=pixels).logits
+    for i, (row, _) in enumerate(ours):
+        torch.testing.assert_close(got[i, : len(row)], exp[i, : len(row)], atol=1e-5, rtol=0)
+
+    m2, t2 = load_for_inference(str(model_path), quantize="none")
+    attach_mmproj(m2, t2, write_mmproj_from_idefics3(tmp_path / "old.gguf", ref, scale_factor_key=False))
+    assert m2.config.vision.pixel_shuffle == 2 and not m2.config.vision.split_images  # scale read off mm.model.fc
+    ids2, px2 = encode(m2, t2, images[0], "Describe it.")
+    assert px2.shape[0] == 1 and ids2.count(IMAGE_TOKEN) == SEQ
+    m3, t3 = load_for_inference(str(model_path), quantize="none")
+    with pytest.raises(GGUFError, match="mm.model.fc takes 128 features, not the tower's 32 x scale_factor 3"):
+        attach_mmproj(m3, t3, write_mmproj_from_idefics3(tmp_path / "bad.gguf", ref, scale_factor=3))
+
+
 def test_served_with_an_image_through_the_openai_client(idefics3):
     """`omnimini serve --model idefics3_dir`: the image becomes its tiles' framed tokens, the answer is
     transformers' greedy answer to the processor's prompt and pixels."""

@@ -15,6 +15,15 @@ k x k block of patches (k = `clip.vision.projector.scale_factor`, clip.cpp's def
 as 1 + w by the converter) and `mm.input_projection` (Hugging Face's [vision, text] layout, applied as x @ W); images
 stretched to the tower's square (bilinear); the LM's `<start_of_image>` framing with `<image_soft_token>`
 placeholders, which attend to each other both ways (Gemma3Processor / hf_gemma3.py).
+
+Projector type "idefics3" (Idefics3 / SmolVLM): the whole SigLIP tower with its final norm, the pixel shuffle of
+each k x k block of patches (k = `clip.vision.projector.scale_factor`, else read off the projector's width) and the
+bias-free `mm.model.fc`. With `clip.vision.preproc_image_size` (what llama.cpp's converter writes from the
+processor's size.longest_edge) images are resized to that longest edge and cut into tiles of the tower's size plus
+the whole image, each tile framed by `<fake_token_around_image>` and `<row_r_col_c>` / `<global-img>`, as mtmd and
+Idefics3Processor do; without it, one whole-image tile (older llama.cpp). Lanczos resampling, as the processor the
+model was trained with. Positions are read as stored, one per patch (llama.cpp's reading; transformers' bucketing,
+hf_idefics3.position_ids, is the identity at the grids real checkpoints use).
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ import torch
 from omnimini.config import VisionConfig
 from omnimini.weights.gguf_loader import GGUFError, dequantize, metadata, open_gguf
 
-PROJECTOR_TYPES = ("mlp", "gemma3")
+PROJECTOR_TYPES = ("mlp", "gemma3", "idefics3")
 IMAGE_TOKEN = "<image>"
 GEMMA_SOFT_TOKEN = "<image_soft_token>"
 _BLK = re.compile(r"v\.blk\.(\d+)\.(\w+)\.(weight|bias)$")
@@ -73,6 +82,8 @@ def read_mmproj(path, lm_hidden: int) -> tuple[VisionConfig, dict[str, torch.Ten
         raise GGUFError(f"{path}: patch size mismatch: image_size {size} is not a multiple of patch_size {patch}")
     if kind == "gemma3":
         return _gemma3(meta, w, size, patch, hidden, n_layer, lm_hidden, path)
+    if kind == "idefics3":
+        return _idefics3(meta, w, size, patch, hidden, n_layer, lm_hidden, path)
     if "mm.2.weight" not in w or "mm.0.weight" not in w:
         raise GGUFError(f"{path}: mmproj file lacks the projector tensors mm.0 / mm.2")
     if w["mm.0.weight"].shape[1] != hidden:
@@ -120,21 +131,53 @@ def _gemma3(meta, w, size, patch, hidden, n_layer, lm_hidden, path) -> tuple[Vis
                         f"[{hidden} (the tower), {lm_hidden} (the language model)]")
     if grid % scale:
         raise GGUFError(f"{path}: a {grid} x {grid} patch grid does not pool by scale_factor {scale}")
+    cfg = _siglip(meta, w, size, patch, hidden, n_layer, path, pixel_shuffle=scale, projector="gemma3",
+                  resize="square", resample="bilinear", image_prompt="gemma3")
+    state = _state({k: v for k, v in w.items() if k != "mm.input_projection.weight"}, cfg, path)
+    state["vision.proj_fc1.weight"] = proj.t().contiguous()
+    return cfg, state
+
+
+def _siglip(meta, w, size, patch, hidden, n_layer, path, **kw) -> VisionConfig:
+    """The SigLIP tower both Gemma 3 and Idefics3 files hold: every layer, the final norm, no class token, one
+    learned position per patch, tanh-GELU (ggml's gelu) MLPs."""
+    grid = size // patch
     if "v.position_embd.weight" not in w or w["v.position_embd.weight"].shape[0] != grid * grid:
         raise GGUFError(f"{path}: patch size mismatch: {grid * grid} patches but v.position_embd.weight is "
                         f"{list(w['v.position_embd.weight'].shape) if 'v.position_embd.weight' in w else None}")
-    cfg = VisionConfig(
+    return VisionConfig(
         image_size=size, patch_size=patch, hidden_size=hidden, num_layers=n_layer,
         num_heads=int(_need(meta, "clip.vision.attention.head_count", path)),
         intermediate_size=int(meta.get("clip.vision.feed_forward_length", 0)) or _ffn_width(w, hidden),
-        pixel_shuffle=scale, max_grid=grid, class_token=False, positions="1d", pre_norm=False,
-        final_norm="v.post_ln.weight" in w, act="gelu_tanh",  # ggml's gelu is the tanh form SigLIP trains with
-        norm_eps=float(meta.get("clip.vision.attention.layer_norm_epsilon", 1e-6)), projector="gemma3",
+        max_grid=grid, class_token=False, positions="1d", pre_norm=False, final_norm="v.post_ln.weight" in w,
+        act="gelu_tanh", norm_eps=float(meta.get("clip.vision.attention.layer_norm_epsilon", 1e-6)),
         image_mean=tuple(float(x) for x in meta.get("clip.vision.image_mean", (0.5, 0.5, 0.5))),
-        image_std=tuple(float(x) for x in meta.get("clip.vision.image_std", (0.5, 0.5, 0.5))),
-        resize="square", resample="bilinear", image_prompt="gemma3")
-    state = _state({k: v for k, v in w.items() if k != "mm.input_projection.weight"}, cfg, path)
-    state["vision.proj_fc1.weight"] = proj.t().contiguous()
+        image_std=tuple(float(x) for x in meta.get("clip.vision.image_std", (0.5, 0.5, 0.5))), **kw)
+
+
+def _idefics3(meta, w, size, patch, hidden, n_layer, lm_hidden, path) -> tuple[VisionConfig, dict]:
+    fc = w.get("mm.model.fc.weight")
+    if fc is None:
+        raise GGUFError(f"{path}: mmproj file lacks the idefics3 projector tensor mm.model.fc.weight")
+    if fc.shape[0] != lm_hidden:
+        raise GGUFError(f"{path}: hidden size mismatch: mm.model.fc gives {fc.shape[0]}-wide image tokens but the "
+                        f"language model's hidden size is {lm_hidden}")
+    merged = fc.shape[1] / hidden  # the pixel shuffle stacks scale^2 patches into one token
+    scale = int(meta.get("clip.vision.projector.scale_factor", round(merged ** 0.5)))
+    if scale < 1 or scale * scale * hidden != fc.shape[1]:
+        raise GGUFError(f"{path}: hidden size mismatch: mm.model.fc takes {fc.shape[1]} features, not the tower's "
+                        f"{hidden} x scale_factor {scale} squared")
+    grid = size // patch
+    if grid % scale:
+        raise GGUFError(f"{path}: a {grid} x {grid} patch grid does not pixel-shuffle by scale_factor {scale}")
+    edge = meta.get("clip.vision.preproc_image_size")
+    if edge is not None and int(edge) < size:
+        raise GGUFError(f"{path}: clip.vision.preproc_image_size {edge} is smaller than the tower's image_size {size}")
+    cfg = _siglip(meta, w, size, patch, hidden, n_layer, path, pixel_shuffle=scale, projector="linear",
+                  image_prompt="idefics3", resize="tiles", resample="lanczos",
+                  max_edge=int(edge) if edge is not None else size, split_images=edge is not None)
+    state = _state({k: v for k, v in w.items() if k != "mm.model.fc.weight"}, cfg, path)
+    state["vision.proj_fc1.weight"] = fc
     return cfg, state
 
 
@@ -197,6 +240,10 @@ def attach_mmproj(model, tok, path):
         if tok.token_to_id(t) is None:
             raise GGUFError(f"--mmproj {path}: the language model's vocabulary has no {t} token to "
                             f"{'frame' if t != placeholder else 'stand for'} the image in the prompt")
+    if vision.image_prompt == "idefics3":
+        from omnimini.weights.hf_idefics3 import check_tokenizer
+
+        check_tokenizer(tok, vision, f"--mmproj {path}")
     image_id = tok.token_to_id(placeholder)
     encoder = VisionEncoder(vision, cfg.hidden_size)
     prefixed = {k.removeprefix("vision."): v for k, v in state.items()}

@@ -133,8 +133,11 @@ def test_pointwise_ops_match_pytorch():
     g = torch.Generator().manual_seed(2)
     x, w = torch.randn(5, 200, generator=g), torch.randn(200, generator=g)
     torch.testing.assert_close(torch.ops.omnimini_cpu.rms_norm(x, w, 1e-5), F.rms_norm(x, (200,), w, 1e-5))
-    gu = torch.randn(3, 2 * 77, generator=g)
-    torch.testing.assert_close(torch.ops.omnimini_cpu.silu_mul(gu), F.silu(gu[:, :77]) * gu[:, 77:])
+    gu = torch.randn(3, 2 * 77, generator=g) * 4  # 77: eight-wide steps and a scalar tail
+    gu[0, :12] = torch.tensor([0.0, -0.0, 100.0, -100.0, 88.5, -88.5, 30.0, -30.0, 1e-8, -1e-8, 17.3, -17.3])
+    got = torch.ops.omnimini_cpu.silu_mul(gu)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, F.silu(gu[:, :77]) * gu[:, 77:], rtol=1e-6, atol=1e-7)
 
 
 def test_fake_kernels_give_shapes():

@@ -47,7 +47,28 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   return out;
 }
 
-// gu [M, 2I] (gate then up) -> silu(gate) * up [M, I]
+// exp(x) for 8 floats: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2, p a degree-6 polynomial (relative error
+// ~2e-7, as expf's); inputs clamped to [-87, 88], where float exp neither overflows nor goes subnormal.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504089f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // r = x - n ln2 in two steps (ln2's high part is exact in float, so n * hi has no rounding error)
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// gu [M, 2I] (gate then up) -> silu(gate) * up [M, I]; eight at a time (a prompt's MLPs are ~5 % of its
+// prefill with a scalar exp)
 at::Tensor silu_mul(const at::Tensor& gu) {
   TORCH_CHECK(gu.dim() == 2 && gu.scalar_type() == at::kFloat && gu.size(1) % 2 == 0,
               "silu_mul: gu must be float32 [M, 2I]");
@@ -56,11 +77,19 @@ at::Tensor silu_mul(const at::Tensor& gu) {
   at::Tensor out = at::empty({M, I}, g.options());
   const float* gp = g.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  omnimini::parallel_range(M * I, 16384, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) {
-      const int64_t m = t / I, i = t % I;
-      const float a = gp[m * 2 * I + i];
-      op[t] = a / (1.0f + std::exp(-a)) * gp[m * 2 * I + I + i];
+  omnimini::parallel_range(M, std::max<int64_t>(1, 16384 / std::max<int64_t>(I, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) {
+      const float* gate = gp + m * 2 * I;
+      const float* up = gate + I;
+      float* o = op + m * I;
+      int64_t i = 0;
+      const __m256 one = _mm256_set1_ps(1.0f);
+      for (; i + 8 <= I; i += 8) {
+        const __m256 a = _mm256_loadu_ps(gate + i);
+        const __m256 den = _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), a)));
+        _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_div_ps(a, den), _mm256_loadu_ps(up + i)));
+      }
+      for (; i < I; ++i) o[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
     }
   });
   return out;

@@ -2,7 +2,7 @@
 //
 // The activations are quantized inside the op to int8 per block of 32 (scale d = max|x| / 127, and the block's
 // sum d * sum(q) for the formats with an offset), so each block's dot product is an integer one: 32 byte
-// products with one maddubs instruction. Each weight block is unpacked once and used for up to 4 activation
+// products with one maddubs instruction (one vpdpbusd where the CPU has AVX512-VNNI: dot_i32). Each weight block is unpacked once and used for up to 4 activation
 // rows (small batches), and output rows are split across threads. Block layouts are GGUF's own:
 //   Q8_0: fp16 d, int8 q[32]                     w = d * q
 //   Q4_0: fp16 d, uint8 qs[16] (two nibbles)      w = d * (q - 8)
@@ -117,6 +117,17 @@ template <int F> inline __m256i unpack(const uint8_t* blk) {
   }
 }
 
+// 8 int32 sums of 4 adjacent products of unsigned bytes u and signed bytes s (lane i: bytes 4i..4i+3). With
+// AVX512-VNNI one instruction (vpdpbusd) instead of maddubs + madd: the same integers (maddubs's 16-bit pair sums
+// never saturate here, |u| <= 127 or u <= 31), a third fewer instructions where prompts are compute-bound.
+inline __m256i dot_i32(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
 struct Acts {  // quantized activations of M rows
   const int8_t* q;
   const float* d;
@@ -131,7 +142,6 @@ void tile(const uint8_t* W, int64_t row_bytes, int64_t n0, int64_t n1, const Act
           int64_t N) {
   constexpr int A = R == 1 ? 2 : 1;
   constexpr int BB = block_bytes<F>();
-  const __m256i ones = _mm256_set1_epi16(1);
   const int64_t nb = a.nb;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* w = W + n * row_bytes;
@@ -151,10 +161,9 @@ void tile(const uint8_t* W, int64_t row_bytes, int64_t n0, int64_t n1, const Act
       for (int r = 0; r < R; ++r) {
         const int64_t row = (m0 + r) * nb + b;
         const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + row * QK));
-        // maddubs multiplies unsigned by signed bytes: Q8_0 moves the weight's sign onto the activation
-        const __m256i prod = F == Q8_0 ? _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xq, wq))
-                                       : _mm256_maddubs_epi16(wabs, xq);
-        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(prod, ones));
+        // unsigned by signed bytes: Q8_0 moves the weight's sign onto the activation
+        const __m256 dot = _mm256_cvtepi32_ps(F == Q8_0 ? dot_i32(wabs, _mm256_sign_epi8(xq, wq))
+                                                        : dot_i32(wabs, xq));
         acc[r][k] = _mm256_fmadd_ps(dot, _mm256_set1_ps(dw * a.d[row]), acc[r][k]);
         if constexpr (F == Q4_0) off[r][k] -= 8.0f * dw * a.s[row];
         if constexpr (F == Q5_0) off[r][k] -= 16.0f * dw * a.s[row];
@@ -180,7 +189,7 @@ inline void q4_k_scales(const uint8_t* p, int* sc, int* mn) {
 }
 
 inline __m256 dot_f32(__m256i w_unsigned, __m256i x_signed) {
-  return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w_unsigned, x_signed), _mm256_set1_epi16(1)));
+  return _mm256_cvtepi32_ps(dot_i32(w_unsigned, x_signed));
 }
 
 inline __m256i act_block(const Acts& a, int64_t row) {

@@ -404,6 +404,9 @@ class Engine:
                     self._fail(r, f"{type(e).__name__}: {e}")
             self.stats.waiting = len(self._waiting)
             self.stats.running = len(self._running)
+            if not (self._waiting or self._prefilling or self._running):
+                # idle: no slot holds a live sequence, so a cache grown for long prompts goes back to its start
+                self.cache.shrink(KVCache.GROW)
 
     def _block_keys(self, req: EngineRequest) -> list[bytes]:
         cfg = self.model.config

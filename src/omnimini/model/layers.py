@@ -119,6 +119,15 @@ class KVCache:
                 t[:, :, :cap] = old
                 store[i] = t
 
+    def shrink(self, n: int) -> None:
+        """Give back positions [n, capacity) (their contents are dropped): for a cache no sequence is using."""
+        n = max(1, min(n, self.max_len))
+        if n >= self.capacity:
+            return
+        for store in (self.k, self.v):
+            for i, old in enumerate(store):
+                store[i] = old[:, :, :n].clone()
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 

@@ -50,6 +50,43 @@ def test_quantized_model_decodes_like_its_full_forward(mode):
 
 
 @pytest.mark.parametrize("window", [False, True])
+def test_fused_decode_layer_equals_the_layer_module_by_module(window, monkeypatch):
+    """decode_layer (one op per layer: norms, q/k/v, attention over the cache, o, gate/up, SiLU, down, residuals)
+    computes exactly what the layer's modules compute one by one with the same kernels: ragged slots, a float16
+    cache, a sliding window; and it is really taken."""
+    from omnimini.model.model import Block
+
+    extra = dict(sliding_window=4, layer_types=["sliding", "full"], attn_scale=0.2) if window else {}
+    m = quantize_model(_model(**extra), "q4_1")
+    ids = torch.randint(0, 320, (3, 12), generator=torch.Generator().manual_seed(5))
+    slots = torch.tensor([2, 0, 1])
+    calls = []
+    fused = Block._decode_layer
+
+    def counting(self, *a):
+        calls.append(1)
+        return fused(self, *a)
+
+    def decode(use_fused: bool):
+        monkeypatch.setattr(Block, "_decode_layer", counting)
+        if not use_fused:
+            monkeypatch.setattr(Block, "_fused_decode", lambda self, x, cache: False)
+        with torch.inference_mode():
+            cache = m.new_cache(3, 20, dtype=torch.float16)
+            m(ids[:, :5], cache=cache, slots=slots, positions=torch.arange(5).expand(3, 5))
+            out = [m(ids[:, t:t + 1], cache=cache, slots=slots, positions=torch.full((3, 1), t)).logits
+                   for t in range(5, 12)]
+        monkeypatch.undo()
+        return torch.cat(out, 1), cache
+
+    (got, c1), n_fused = decode(True), len(calls)
+    (want, c2), n_plain = decode(False), len(calls) - n_fused
+    assert n_fused == 7 * 2 and n_plain == 0
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(c1.k[1], c2.k[1], atol=0, rtol=0)  # the same keys written to the same slots
+
+
+@pytest.mark.parametrize("window", [False, True])
 def test_fp16_kv_cache_logits_near_fp32_cache(window):
     """attn_decode on a float16 cache vs a float32 cache, and prefill (SDPA) reading the float16 cache back: the
     prompt in two chunks, the second attending to the first's float16 keys/values through PyTorch. Bound: 2 % of

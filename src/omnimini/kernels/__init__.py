@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("qlinear.cpp", "attention.cpp", "pointwise.cpp", "pool.cpp")
-HEADERS = ("pool.h",)
+SOURCES = ("qlinear.cpp", "attention.cpp", "pointwise.cpp", "pool.cpp", "decode_layer.cpp")
+HEADERS = ("pool.h", "ops.h")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-pthread"]
 # added where the CPU has them (the library is built on the machine that runs it, and cached per flag set):
 # vpdpbusd does the int8 dot products of a block in one instruction (qlinear.cpp dot_i32)
@@ -119,6 +119,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("omnimini_cpu::attn_decode")
     def _(qkv, k_cache, v_cache, slots, positions, cos, sin, heads, kv_heads, scale, window):
         return qkv.new_empty(qkv.shape[0], heads * k_cache.shape[-1])
+
+    @torch.library.register_fake("omnimini_cpu::decode_layer")
+    def _(x, *args):
+        return torch.empty_like(x)
 
 
 def available() -> bool:

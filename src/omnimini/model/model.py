@@ -49,6 +49,8 @@ class Block(nn.Module):
     def forward(self, x, rope, positions, cache, slots, mask, image_mask=None):
         if self.image_adapter is not None and image_mask is not None:
             x = self.image_adapter(x, image_mask)
+        if x.shape[1] == 1 and cache is not None and self._fused_decode(x, cache):
+            return self._decode_layer(x, rope, positions, cache, slots), None
         a = self.attn(self.input_norm(x), rope, positions, cache, slots, mask)
         x = x + (a if self.attn_out_norm is None else self.attn_out_norm(a))
         stats = None
@@ -57,6 +59,32 @@ class Block(nn.Module):
         else:
             y = self.mlp(self.post_norm(x))
         return x + (y if self.mlp_out_norm is None else self.mlp_out_norm(y)), stats
+
+
+    def _fused_decode(self, x, cache) -> bool:
+        """Whether this single-token step can run as one kernel (kernels/csrc/decode_layer.cpp): every weight in
+        blocks without biases, plain pre-norm SwiGLU, the attention kernel usable. Anything else runs the modules
+        one by one (same kernels, same result)."""
+        from omnimini.model.blocklinear import BlockLinear
+
+        attn, mlp = self.attn, self.mlp
+        linears = (attn.qkv, attn.o_proj, getattr(mlp, "gate_up", None), getattr(mlp, "down_proj", None))
+        return (not self.is_moe and self.attn_out_norm is None and getattr(mlp, "act_name", "silu") == "silu"
+                and all(isinstance(m, BlockLinear) and m.bias is None for m in linears)
+                and self.input_norm.weight.dtype == torch.float32 and attn._native_decode(x, cache))
+
+    def _decode_layer(self, x, rope, positions, cache, slots):
+        attn, mlp = self.attn, self.mlp
+        B = x.shape[0]
+        cos, sin = (t.reshape(B, attn.d) for t in rope)
+        rows = slots if slots is not None else torch.arange(B)
+        y = torch.ops.omnimini_cpu.decode_layer(
+            x.reshape(B, -1), self.input_norm.weight, self.post_norm.weight, self.input_norm.eps,
+            attn.qkv.blocks, attn.qkv.format.code, attn.qkv.out_features, attn.o_proj.blocks, attn.o_proj.format.code,
+            mlp.gate_up.blocks, mlp.gate_up.format.code, mlp.gate_up.out_features, mlp.down_proj.blocks,
+            mlp.down_proj.format.code, cache.k[attn.layer], cache.v[attn.layer], rows, positions.reshape(B), cos, sin,
+            attn.h, attn.kvh, attn.scale or 0.0, attn.window or 0)
+        return y.view(B, 1, -1)
 
 
 class ImageAdapter(nn.Module):

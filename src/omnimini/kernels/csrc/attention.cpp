@@ -13,6 +13,7 @@
 
 #include <immintrin.h>
 
+#include "ops.h"
 #include "pool.h"
 
 #include <algorithm>
@@ -140,6 +141,14 @@ at::Tensor attn_decode(const at::Tensor& qkv, at::Tensor k_cache, at::Tensor v_c
 }
 
 }  // namespace
+
+namespace omnimini {
+at::Tensor attn_decode_op(const at::Tensor& qkv, at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slots,
+                          const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin, int64_t H,
+                          int64_t KVH, double scale, int64_t window) {
+  return attn_decode(qkv, k_cache, v_cache, slots, positions, cos, sin, H, KVH, scale, window);
+}
+}  // namespace omnimini
 
 TORCH_LIBRARY_FRAGMENT(omnimini_cpu, m) {
   m.def("attn_decode(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, Tensor positions, "

@@ -9,6 +9,7 @@
 
 #include <immintrin.h>
 
+#include "ops.h"
 #include "pool.h"
 
 #include <algorithm>
@@ -96,6 +97,11 @@ at::Tensor silu_mul(const at::Tensor& gu) {
 }
 
 }  // namespace
+
+namespace omnimini {
+at::Tensor rms_norm_op(const at::Tensor& x, const at::Tensor& w, double eps) { return rms_norm(x, w, eps); }
+at::Tensor silu_mul_op(const at::Tensor& gu) { return silu_mul(gu); }
+}  // namespace omnimini
 
 TORCH_LIBRARY_FRAGMENT(omnimini_cpu, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");

@@ -342,3 +342,20 @@ def test_receptacle_question_when_every_object_is_hidden():
         q = q_receptacle(rng, scene)
         assert q is None or q.answer in q.candidates
     assert hidden > 0  # the case really occurs
+
+
+def test_balanced_qa_flattens_the_answer_priors():
+    """QAFamily(balanced=True), for training: each template's answer is drawn first, so the answers a model could
+    guess without the image ("none" for containers, small counts) lose their weight; episodes stay valid."""
+    import collections
+
+    from omnimini.data.scenes.qa import QAFamily
+
+    share = {}
+    for bal in (False, True):
+        fam = QAFamily(image_size=64, fmt="short", balanced=bal)
+        eps = [fam.episode(s, "receptacle") for s in range(300)]
+        got = collections.Counter(e.meta["answer_text"] for e in eps if e.meta["qtype"] == "container")
+        share[bal] = got["none"] / sum(got.values())
+        assert all(fam.score(e, e.answer)["success"] for e in eps[:40])
+    assert share[False] > 0.5 and share[True] < 0.75 * share[False]

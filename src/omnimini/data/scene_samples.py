@@ -67,7 +67,7 @@ class SceneSource:
     """
 
     def __init__(self, tok, model_cfg, seq_len: int, *, kind: str = "task", families=("qa",),
-                 seed: int = 0, qa_format: str | None = None):
+                 seed: int = 0, qa_format: str | None = None, balanced: bool = False):
         if model_cfg.vision is None or tok.image_token_id is None:
             raise DataError("scene samples need a model with a vision encoder and a tokenizer with <|image|>")
         if kind not in ("caption", "task"):
@@ -78,7 +78,8 @@ class SceneSource:
         self.image_size = model_cfg.vision.image_size
         self.tokens_per_image = model_cfg.vision.tokens_per_image
         self.index = 0
-        self._fams = {f: make_family(f, self.image_size, qa_format) for f in self.families} if kind == "task" else {}
+        self._fams = ({f: make_family(f, self.image_size, qa_format, balanced) for f in self.families}
+                      if kind == "task" else {})
 
     def __iter__(self):
         return self
@@ -118,7 +119,7 @@ class SceneSource:
         self.index = state["index"]
 
 
-def make_family(name: str, image_size: int, qa_format: str | None = None):
+def make_family(name: str, image_size: int, qa_format: str | None = None, balanced: bool = False):
     """A task family rendering at the model's image size (the registry's instances render at 224 px)."""
     from omnimini.data.scenes.tasks import get_family
 
@@ -126,7 +127,7 @@ def make_family(name: str, image_size: int, qa_format: str | None = None):
     if name == "qa":
         from omnimini.data.scenes.qa import QAFamily
 
-        return QAFamily(image_size=image_size, fmt=qa_format)
+        return QAFamily(image_size=image_size, fmt=qa_format, balanced=balanced)
     if hasattr(fam, "image_size"):
         try:
             return type(fam)(image_size=image_size)

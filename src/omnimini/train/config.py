@@ -25,6 +25,7 @@ class DataSpec:
     scene_kind: str = "task"  # scenes: task | caption
     families: list[str] = field(default_factory=lambda: ["qa"])
     qa_format: str | None = None  # scenes/qa: mc | short | None (mixed)
+    balanced_answers: bool = False  # scenes/qa: each template's answer uniform (QAFamily(balanced=True))
     substitutions: dict[str, str] = field(default_factory=dict)  # chat: e.g. {"{{name}}": "omnimini"}
 
     def __post_init__(self):

@@ -76,7 +76,7 @@ def build_source(spec: DataSpec, tok, mcfg: ModelConfig, cfg: TrainConfig, seed:
     from omnimini.data.scene_samples import SceneSource
 
     return SceneSource(tok, mcfg, cfg.seq_len, kind=spec.scene_kind, families=spec.families, seed=seed,
-                       qa_format=spec.qa_format)
+                       qa_format=spec.qa_format, balanced=spec.balanced_answers)
 
 
 def build_mixture(specs: list[DataSpec], tok, mcfg, cfg, seed: int, repeat: bool = True) -> Mixture:

@@ -16,6 +16,8 @@ from .parsing import LETTERS, normalise, parse_choice, parse_short
 from .world import CLOSABLE, PALETTE, RECEPTACLE_KINDS, SHAPES, SIZES, Obj, Scene, generate_scene, render
 
 DIRECTIONS = ["left", "right", "above", "below"]
+BALANCED_MAX_COUNT = 6  # balanced counts: 0..6 (scenes hold few objects of one kind)
+BALANCED_TRIES = 40  # scenes drawn per balanced episode before the last one of its template is kept
 NUMBERS = [str(i) for i in range(13)]
 
 
@@ -179,21 +181,38 @@ class QAFamily:
     name = "qa"
     subsets = list(GENERATORS)
 
-    def __init__(self, image_size: int = 224, fmt: str | None = None):
+    def __init__(self, image_size: int = 224, fmt: str | None = None, balanced: bool = False):
         if fmt not in (None, "mc", "short"):
             raise SceneError(f"qa format must be 'mc', 'short' or None (mixed), got {fmt!r}")
         self.image_size, self.fmt = image_size, fmt
+        # balanced (training data): each question template's answer drawn uniformly first, so a model that does
+        # not look at the image scores chance on it (the plain generator's answers are skewed: "none", small
+        # counts), and the only way down the loss is through the image
+        self.balanced = balanced
 
     def episode(self, seed: int, subset: str | None = None) -> Episode:
         subset = pick_subset(self.name, self.subsets, seed, subset)
         rng = make_rng(self.name, seed, subset)
         fmt = self.fmt or rng.choice(["mc", "short"])
+        scene, q = self._draw(rng, subset, seed)
+        if self.balanced and q.kind != "object":
+            vocab = q.candidates if q.kind == "word" else NUMBERS[: BALANCED_MAX_COUNT + 1]
+            target = rng.choice(vocab)
+            for _ in range(BALANCED_TRIES):
+                if q.answer == target:
+                    break
+                s2, q2 = self._draw(rng, subset, seed)
+                if q2.qtype == q.qtype:  # the same template, another scene
+                    scene, q = s2, q2
+        return self._make(seed, subset, fmt, rng, scene, q)
+
+    def _draw(self, rng: random.Random, subset: str, seed: int) -> tuple[Scene, Question]:
         for _ in range(50):
             scene = generate_scene(rng, n_receptacles=(1, 2) if subset == "receptacle" else (0, 2),
                                    inside_prob=0.45 if subset == "receptacle" else 0.25)
             q = rng.choice(GENERATORS[subset])(rng, scene)
             if q is not None:
-                return self._make(seed, subset, fmt, rng, scene, q)
+                return scene, q
         raise SceneError(f"no {subset} question found for seed {seed}")  # pragma: no cover
 
     def _make(self, seed: int, subset: str, fmt: str, rng: random.Random, scene: Scene, q: Question) -> Episode:

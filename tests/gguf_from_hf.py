@@ -101,6 +101,25 @@ def vocab_of(tokenizer_json, template: str, bos: str | None, eos: str, extra=Non
     return write
 
 
+def assert_same_inputs_and_logits(model, ref_model, ours, want, atol=1e-5):
+    """Encoded rows (prompt ids, pixels) from two loads of one VLM: the same ids and pixels exactly, then the same
+    logits on a right-padded batch of all rows with their images (up to atol)."""
+    import torch
+
+    for (ids, px), (ids_ref, px_ref) in zip(ours, want, strict=True):
+        assert ids == ids_ref
+        torch.testing.assert_close(px, px_ref, atol=0, rtol=0)
+    T = max(len(i) for i, _ in ours)
+    ids = torch.tensor([i + [0] * (T - len(i)) for i, _ in ours])
+    mask = torch.tensor([[1] * len(i) + [0] * (T - len(i)) for i, _ in ours])
+    pixels = torch.cat([p for _, p in ours])
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask, pixels=pixels).logits
+        exp = ref_model(ids, attention_mask=mask, pixels=pixels).logits
+    for i, (row, _) in enumerate(ours):
+        torch.testing.assert_close(got[i, : len(row)], exp[i, : len(row)], atol=atol, rtol=0)
+
+
 def _tensors(model, arch: str):
     c = model.config
     layer_names = {**_LAYER, **_GEMMA_LAYER} if arch == "gemma3" else _LAYER

@@ -188,7 +188,7 @@ def test_gguf_model_and_gemma3_mmproj_give_the_hf_load(gemma3, tmp_path):
     """llama.cpp's layout: the Gemma 3 text model as model.gguf + the tower and projector as mmproj.gguf
     (projector type gemma3); loaded with --mmproj they give the HF directory's logits on the padded batch."""
     pytest.importorskip("gguf")
-    from gguf_from_hf import vocab_of, write_gguf_from_hf, write_mmproj_from_gemma3
+    from gguf_from_hf import assert_same_inputs_and_logits, vocab_of, write_gguf_from_hf, write_mmproj_from_gemma3
 
     from omnimini.runtime import load_for_inference
     from omnimini.weights.gguf_loader import GGUFError
@@ -211,18 +211,7 @@ def test_gguf_model_and_gemma3_mmproj_give_the_hf_load(gemma3, tmp_path):
     texts = ["Describe it.", "What is in this long picture, and what colour is it?"]
     ours = [encode_messages(model, tok, _messages(t, img)) for img, t in zip(images, texts, strict=True)]
     want = [encode_messages(hf_model, hf_omni_tok, _messages(t, img)) for img, t in zip(images, texts, strict=True)]
-    for (ids, px), (ids_hf, px_hf) in zip(ours, want, strict=True):
-        assert ids == ids_hf
-        torch.testing.assert_close(px, px_hf, atol=0, rtol=0)
-    T = max(len(i) for i, _ in ours)
-    ids = torch.tensor([i + [0] * (T - len(i)) for i, _ in ours])
-    mask = torch.tensor([[1] * len(i) + [0] * (T - len(i)) for i, _ in ours])
-    pixels = torch.cat([p for _, p in ours])
-    with torch.no_grad():
-        got = model(ids, attention_mask=mask, pixels=pixels).logits
-        exp = hf_model(ids, attention_mask=mask, pixels=pixels).logits
-    for i, (row, _) in enumerate(ours):
-        torch.testing.assert_close(got[i, : len(row)], exp[i, : len(row)], atol=1e-5, rtol=0)
+    assert_same_inputs_and_logits(model, hf_model, ours, want)
     # without the scale-factor key: clip.cpp's default, 4 (this model's too); a factor that does not fit is named
     m2, t2 = load_for_inference(str(model_path), quantize="none")
     attach_mmproj(m2, t2, write_mmproj_from_gemma3(tmp_path / "nokey.gguf", ref, scale_factor_key=False))

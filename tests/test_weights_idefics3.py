@@ -197,7 +197,7 @@ def test_gguf_model_and_idefics3_mmproj_give_the_hf_load(idefics3, tmp_path):
     pixels as the HF directory, and its logits on a padded batch with images; without it (an older converter):
     one whole-image tile, as older llama.cpp reads it; a scale factor that does not fit the connector is named."""
     pytest.importorskip("gguf")
-    from gguf_from_hf import vocab_of, write_gguf_from_hf, write_mmproj_from_idefics3
+    from gguf_from_hf import assert_same_inputs_and_logits, vocab_of, write_gguf_from_hf, write_mmproj_from_idefics3
 
     from omnimini.runtime import load_for_inference
     from omnimini.weights.gguf_loader import GGUFError
@@ -222,19 +222,8 @@ def test_gguf_model_and_idefics3_mmproj_give_the_hf_load(idefics3, tmp_path):
 
     ours = [encode(model, tok, img, t) for img, t in zip(images, texts, strict=True)]
     want = [encode(hf_model, hf_tok, img, t) for img, t in zip(images, texts, strict=True)]
-    for (ids, px), (ids_hf, px_hf) in zip(ours, want, strict=True):
-        assert ids == ids_hf
-        torch.testing.assert_close(px, px_hf, atol=0, rtol=0)
     assert [p.shape[0] for _, p in ours] == [5, 3]  # 2x2 and 1x2 tiles + the whole image
-    T = max(len(i) for i, _ in ours)
-    ids = torch.tensor([i + [0] * (T - len(i)) for i, _ in ours])
-    mask = torch.tensor([[1] * len(i) + [0] * (T - len(i)) for i, _ in ours])
-    pixels = torch.cat([p for _, p in ours])
-    with torch.no_grad():
-        got = model(ids, attention_mask=mask, pixels=pixels).logits
-        exp = hf_model(ids, attention_mask=mask, pixels=pixels).logits
-    for i, (row, _) in enumerate(ours):
-        torch.testing.assert_close(got[i, : len(row)], exp[i, : len(row)], atol=1e-5, rtol=0)
+    assert_same_inputs_and_logits(model, hf_model, ours, want)
 
     m2, t2 = load_for_inference(str(model_path), quantize="none")
     attach_mmproj(m2, t2, write_mmproj_from_idefics3(tmp_path / "old.gguf", ref, scale_factor_key=False))

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omnimini.config import ModelConfig
+from omnimini.model.blocklinear import BlockLinear
 from omnimini.model.layers import Attention, KVCache, RMSNorm, Rotary, SwiGLU
 from omnimini.model.moe import MoE
 from omnimini.model.vision import VisionEncoder
@@ -65,8 +66,6 @@ class Block(nn.Module):
         """Whether this single-token step can run as one kernel (kernels/csrc/decode_layer.cpp): every weight in
         blocks without biases, plain pre-norm SwiGLU, the attention kernel usable. Anything else runs the modules
         one by one (same kernels, same result)."""
-        from omnimini.model.blocklinear import BlockLinear
-
         attn, mlp = self.attn, self.mlp
         linears = (attn.qkv, attn.o_proj, getattr(mlp, "gate_up", None), getattr(mlp, "down_proj", None))
         return (not self.is_moe and self.attn_out_norm is None and getattr(mlp, "act_name", "silu") == "silu"

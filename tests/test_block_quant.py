@@ -172,7 +172,7 @@ def test_gguf_blocks_used_as_stored(tmp_path, kind):
     down = model.blocks[1].mlp.down_proj
     assert down.format.name == kind.lower()  # the file's own format, whatever --quantize asked for
     raw = np.asarray(stored["blk.1.ffn_down.weight"].data).reshape(down.out_features, -1)
-    assert torch.equal(down.blocks, torch.from_numpy(raw.copy()))  # byte for byte: nothing re-quantized
+    assert torch.equal(down.gguf_blocks(), torch.from_numpy(raw.copy()))  # byte for byte: nothing re-quantized
     floats, _ = load_gguf(path, progress=False)  # the same file dequantized to float32
     ids = torch.arange(3, 40)[None]
     with torch.inference_mode():
@@ -322,9 +322,14 @@ def test_auto_mode_and_block_embedding(tmp_path):
     model, _ = load_for_inference(str(path), quantize="auto")
     assert model.blocks[0].mlp.gate_up.format.name == "q4_1"
     emb = model.embed  # tied: lookups read the head's own blocks
-    assert isinstance(emb, BlockEmbedding) and emb.blocks is model.lm_head.blocks
+    assert isinstance(emb, BlockEmbedding) and emb.head[0] is model.lm_head and not hasattr(emb, "blocks")
     ids = torch.tensor([[5, 3, 258], [0, 7, 7]])
-    torch.testing.assert_close(emb(ids), B.dequantize(model.lm_head.blocks, "q4_1")[ids], rtol=0, atol=0)
+    want = B.dequantize(model.lm_head.gguf_blocks(), model.lm_head.format)[ids]
+    torch.testing.assert_close(emb(ids), want, rtol=0, atol=0)
+    with torch.inference_mode():
+        model(ids)  # the head's blocks are interleaved for the kernels now; lookups still read the same rows
+    assert model.lm_head.interleaved == kernels.available()
+    torch.testing.assert_close(emb(ids), want, rtol=0, atol=0)
 
 
 @pytest.mark.slow

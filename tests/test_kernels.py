@@ -35,12 +35,16 @@ def _act_quant(x: torch.Tensor):
     return (q * (mx / 127)).reshape(x.shape), (mx / 127).reshape(x.shape[0], -1)
 
 
-def _check_qlinear(f, blocks, N, K, g):
+def _check_qlinear(f, blocks, N, K, g, interleaved=False):
     wd = B.dequantize(blocks, f).double()
+    packed = B.repack_x8(blocks, f) if interleaved else None
     for M in ROWS:
         x = torch.randn(M, K, generator=g) * 3
         x[0, :32] *= 50  # one outlier block: its scale must not leak into the others
-        y = kernels.qlinear(x, blocks, f, N)
+        if interleaved:
+            y = torch.ops.omnimini_cpu.qlinear(x, packed, f.code | B.X8, N)
+        else:
+            y = kernels.qlinear(x, blocks, f, N)
         assert y.shape == (M, N) and y.dtype == torch.float32
         xq, dx = _act_quant(x)
         exact = xq.double() @ wd.T
@@ -59,6 +63,38 @@ def test_qlinear_matches_float_reference(fmt):
     for N, K in SHAPES:
         w = torch.randn(N, K, generator=g) * 0.05
         _check_qlinear(f, B.quantize(w, f), N, K, g)
+
+
+@pytest.mark.parametrize("fmt", B.X8_FORMATS)
+def test_interleaved_qlinear_matches_float_reference(fmt):
+    """Rows interleaved by 8 (the form BlockLinear gives these formats): the same bounds, N not a multiple of 8."""
+    f = B.get_format(fmt)
+    g = torch.Generator().manual_seed(1)
+    for N, K in SHAPES + [(8, 64), (1, 32)]:
+        blocks = B.quantize(torch.randn(N, K, generator=g) * 0.05, f)
+        packed = B.repack_x8(blocks, f)
+        assert packed.shape == (-(-N // 8), blocks.shape[1] * 8)
+        assert torch.equal(B.unpack_x8(packed, f, N), blocks)  # a byte permutation, nothing lost
+        _check_qlinear(f, blocks, N, K, g, interleaved=True)
+    with pytest.raises(B.BlockFormatError, match="q6_k has no interleaved form"):
+        B.repack_x8(random_k_blocks("q6_k", 8, 256), "q6_k")
+
+
+def test_block_linear_interleaves_once_and_saves_gguf_layout():
+    from omnimini.model.blocklinear import BlockLinear
+
+    lin = BlockLinear.from_float(torch.randn(20, 64), None, "q4_1")
+    gguf_form = lin.blocks.clone()
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        y = lin(x)
+    assert lin.interleaved and lin.blocks.shape == (3, gguf_form.shape[1] * 8)  # replaced, not copied
+    assert torch.equal(lin.state_dict()["blocks"], gguf_form)
+    assert torch.equal(lin.gguf_rows(torch.tensor([19, 0, 8])), gguf_form[[19, 0, 8]])
+    torch.testing.assert_close(y, kernels.qlinear(x, gguf_form, lin.format, 20), rtol=1e-5, atol=1e-5)
+    fresh = BlockLinear.from_float(torch.randn(20, 64), None, "q4_1")
+    lin.load_state_dict(fresh.state_dict())
+    assert not lin.interleaved and torch.equal(lin.blocks, fresh.blocks)
 
 
 def random_k_blocks(fmt: str, N: int, K: int, seed: int = 0) -> torch.Tensor:
@@ -180,13 +216,13 @@ def test_fallback_when_disabled(monkeypatch):
             assert not kernels.available()
         with torch.no_grad():
             slow = lin(x)
-        torch.testing.assert_close(slow, B.reference_matmul(x.reshape(6, 64), lin.blocks, "q4_0").view(2, 3, 33)
+        torch.testing.assert_close(slow, B.reference_matmul(x.reshape(6, 64), lin.gguf_blocks(), "q4_0").view(2, 3, 33)
                                    + lin.bias)
         assert (slow - fast).abs().max() < 0.02 * slow.abs().max()  # the kernel only rounds the activations
         k_lin = BlockLinear(random_k_blocks("q6_k", 7, 256), "q6_k", 256)
         xk = torch.randn(3, 256)
         with torch.no_grad():
-            torch.testing.assert_close(k_lin(xk), xk @ B.dequantize(k_lin.blocks, "q6_k").T)
+            torch.testing.assert_close(k_lin(xk), xk @ B.dequantize(k_lin.gguf_blocks(), "q6_k").T)
     finally:
         monkeypatch.delenv(kernels.DISABLE_ENV)
         kernels.reset_for_tests()

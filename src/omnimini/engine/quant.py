@@ -259,6 +259,10 @@ def quantize_model(model, mode: str = "int8", calib_ids: list[int] | None = None
     model.lm_head = linear(head, fmt="q8_0") if isinstance(linear, BlockLinears) else linear(head)
     if tied and isinstance(model.lm_head, BlockLinear):  # lookups read the head's blocks: no float32 table
         model.embed = BlockEmbedding.sharing(model.lm_head)
+    if mode in BLOCK_MODES and kernels.available():  # the kernels' interleaved form now, not in the first request
+        for m in model.modules():
+            if isinstance(m, BlockLinear):
+                m.kernel_weight()
     model.quantization = mode
     return model
 

@@ -125,6 +125,42 @@ def dequantize(blocks: torch.Tensor, fmt: str | BlockFormat) -> torch.Tensor:
     return w.reshape(N, -1)
 
 
+# The kernels' interleaved form of the 32-blocks (csrc/qlinear.cpp tile_x8): rows in groups of 8, per activation
+# block the 8 rows' fp16 scales (Q4_1: then their 8 mins) and their weights as 32-byte vectors of 4 bytes per row.
+# A byte permutation of GGUF's layout, made once at load; the format code passed to the kernel gets X8 added.
+X8 = 16
+X8_FORMATS = ("q8_0", "q4_0", "q4_1")
+
+
+def _x8_split(f: BlockFormat) -> int:
+    return 4 if f.name == "q4_1" else 2  # bytes of fp16 scales at a block's start
+
+
+def repack_x8(blocks: torch.Tensor, fmt: str | BlockFormat) -> torch.Tensor:
+    """uint8 blocks [N, nb * block_bytes] -> [ceil(N / 8), nb * 8 * block_bytes] (rows padded with zero blocks)."""
+    f = fmt if isinstance(fmt, BlockFormat) else get_format(fmt)
+    if f.name not in X8_FORMATS:
+        raise BlockFormatError(f"{f.name} has no interleaved form (only {', '.join(X8_FORMATS)})")
+    N, G, sb = blocks.shape[0], -(-blocks.shape[0] // 8), _x8_split(f)
+    b = F.pad(blocks, (0, 0, 0, 8 * G - N)).view(G, 8, -1, f.block_bytes).transpose(1, 2)  # [G, nb, 8, bytes]
+    nb = b.shape[1]
+    scales = b[..., :sb].reshape(G, nb, 8, sb // 2, 2).permute(0, 1, 3, 2, 4).reshape(G, nb, 8 * sb)
+    weights = b[..., sb:].reshape(G, nb, 8, -1, 4).transpose(2, 3).reshape(G, nb, -1)
+    return torch.cat([scales, weights], -1).reshape(G, -1).contiguous()
+
+
+def unpack_x8(packed: torch.Tensor, fmt: str | BlockFormat, rows: int) -> torch.Tensor:
+    """The inverse of repack_x8: the first `rows` rows in GGUF's layout."""
+    f = fmt if isinstance(fmt, BlockFormat) else get_format(fmt)
+    G, sb = packed.shape[0], _x8_split(f)
+    p = packed.view(G, -1, 8 * f.block_bytes)
+    nb = p.shape[1]
+    scales = p[..., :8 * sb].reshape(G, nb, sb // 2, 8, 2).permute(0, 1, 3, 2, 4).reshape(G, nb, 8, sb)
+    weights = p[..., 8 * sb:].reshape(G, nb, -1, 8, 4).transpose(2, 3).reshape(G, nb, 8, -1)
+    b = torch.cat([scales, weights], -1).transpose(1, 2).reshape(8 * G, -1)
+    return b[:rows].contiguous()
+
+
 def q4_k_scales(sc12: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_K's 12 scale bytes [..., 12] -> 6-bit scales and mins [..., 8] (llama.cpp's get_scale_min_k4): pairs
     0..3 sit in the low 6 bits of bytes 0..3 (scales) and 4..7 (mins); pairs 4..7 take their low 4 bits from the

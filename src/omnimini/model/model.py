@@ -79,9 +79,9 @@ class Block(nn.Module):
         rows = slots if slots is not None else torch.arange(B)
         y = torch.ops.omnimini_cpu.decode_layer(
             x.reshape(B, -1), self.input_norm.weight, self.post_norm.weight, self.input_norm.eps,
-            attn.qkv.blocks, attn.qkv.format.code, attn.qkv.out_features, attn.o_proj.blocks, attn.o_proj.format.code,
-            mlp.gate_up.blocks, mlp.gate_up.format.code, mlp.gate_up.out_features, mlp.down_proj.blocks,
-            mlp.down_proj.format.code, cache.k[attn.layer], cache.v[attn.layer], rows, positions.reshape(B), cos, sin,
+            *attn.qkv.kernel_weight(), attn.qkv.out_features, *attn.o_proj.kernel_weight(),
+            *mlp.gate_up.kernel_weight(), mlp.gate_up.out_features, *mlp.down_proj.kernel_weight(),
+            cache.k[attn.layer], cache.v[attn.layer], rows, positions.reshape(B), cos, sin,
             attn.h, attn.kvh, attn.scale or 0.0, attn.window or 0)
         return y.view(B, 1, -1)
 

@@ -40,6 +40,8 @@ namespace {
 constexpr int QK = 32;
 constexpr int QK_K = 256;
 enum Format : int64_t { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2, Q4_K = 3, Q6_K = 4, Q5_0 = 5 };
+// a format code plus X8: the same blocks with rows interleaved by 8 (tile_x8)
+constexpr int64_t X8 = 16;
 
 template <int F> constexpr int block_bytes() {
   return F == Q8_0 ? 34 : F == Q4_0 ? 18 : F == Q4_1 ? 20 : F == Q5_0 ? 22 : F == Q4_K ? 144 : 210;
@@ -187,6 +189,130 @@ void tile(const uint8_t* W, int64_t row_bytes, int64_t n0, int64_t n1, const Act
       out[(m0 + r) * N + n] = y;
     }
   }
+}
+
+// ---- rows interleaved by 8 (Q8_0, Q4_0, Q4_1 repacked once at load: kernels/blocks.py repack_x8) ----
+// A group of 8 output rows stores, per activation block b, the 8 rows' fp16 scales d[8] (then Q4_1's m[8]) and
+// their weights arranged so that one 32-byte vector holds 4 consecutive weights of each of the 8 rows: vector j
+// (Q8_0: j = 0..7, weights 4j..4j+3) or, for the nibble formats, qs bytes 4j..4j+3 of each row (j = 0..3; low
+// nibbles = weights 4j.., high nibbles = weights 16 + 4j..). One vpdpbusd against the activation's 4 bytes
+// broadcast then adds 4 products into each row's lane: after 8 of them lane r holds row r's integer dot
+// product, so scales are applied as one vector of 8 and no horizontal sums are needed (the row-major kernel
+// above spends most of a block on them and on scalar scale conversion).
+template <int F> constexpr int x8_scale_bytes() { return F == Q4_1 ? 32 : 16; }
+
+inline __m256i dot_acc(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, u, s);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
+inline __m256i bcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+// Q8_0's weights are signed: with VNNI they are biased to unsigned (w + 128, an xor) and the bias removed with
+// the activation block's sum (128 * d_x * sum q = 128 * s); maddubs would saturate on 255 * 127 pairs, so the
+// AVX2 form moves the weight's sign onto the activation instead.
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+constexpr bool Q8_BIAS = true;
+#else
+constexpr bool Q8_BIAS = false;
+#endif
+
+template <int F, int R>
+void tile_x8(const uint8_t* W, int64_t group_bytes, int64_t g0, int64_t g1, const Acts& a, int64_t m0, float* out,
+             int64_t N) {
+  constexpr int PB = 8 * block_bytes<F>();
+  constexpr int SB = x8_scale_bytes<F>();
+  const int64_t nb = a.nb;
+  const __m256i low4 = _mm256_set1_epi8(0x0F), flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint8_t* w = W + g * group_bytes;
+    __m256 acc[R], off[R];
+    for (int r = 0; r < R; ++r) acc[r] = off[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* blk = w + b * PB;
+      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
+      __m256i wv[8];
+      if constexpr (F == Q8_0) {
+        for (int j = 0; j < 8; ++j) {
+          wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + SB + 32 * j));
+          if constexpr (Q8_BIAS) wv[j] = _mm256_xor_si256(wv[j], flip);
+        }
+      } else {
+        for (int j = 0; j < 4; ++j) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + SB + 32 * j));
+          wv[j] = _mm256_and_si256(v, low4);
+          wv[j + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        }
+      }
+      __m256 mv;
+      if constexpr (F == Q4_1) mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)));
+      for (int r = 0; r < R; ++r) {
+        const int64_t row = (m0 + r) * nb + b;
+        const int8_t* x = a.q + row * QK;
+        // two integer chains so consecutive vpdpbusd do not wait on each other
+        __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+        for (int j = 0; j < 8; j += 2) {
+          // wv[j] holds weights 4j..4j+3 of each row (nibble formats: wv[j + 4] = the high nibbles of vector j,
+          // weights 16 + 4j..)
+          const __m256i x0 = bcast4(x + 4 * j), x1 = bcast4(x + 4 * j + 4);
+          if constexpr (F == Q8_0 && !Q8_BIAS) {
+            s0 = dot_acc(s0, _mm256_sign_epi8(wv[j], wv[j]), _mm256_sign_epi8(x0, wv[j]));
+            s1 = dot_acc(s1, _mm256_sign_epi8(wv[j + 1], wv[j + 1]), _mm256_sign_epi8(x1, wv[j + 1]));
+          } else {
+            s0 = dot_acc(s0, wv[j], x0);
+            s1 = dot_acc(s1, wv[j + 1], x1);
+          }
+        }
+        const __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
+        const __m256 dx = _mm256_set1_ps(a.d[row]);
+        acc[r] = _mm256_fmadd_ps(dot, _mm256_mul_ps(d, dx), acc[r]);
+        // the offsets: Q4_1 + m * s, Q4_0 - 8 d s, biased Q8_0 - 128 d s (s = d_x * sum of the block's q)
+        if constexpr (F == Q4_1) off[r] = _mm256_fmadd_ps(mv, _mm256_set1_ps(a.s[row]), off[r]);
+        if constexpr (F == Q4_0) off[r] = _mm256_fmadd_ps(d, _mm256_set1_ps(-8.0f * a.s[row]), off[r]);
+        if constexpr (F == Q8_0 && Q8_BIAS) off[r] = _mm256_fmadd_ps(d, _mm256_set1_ps(-128.0f * a.s[row]), off[r]);
+      }
+    }
+    const int64_t n = 8 * g, valid = std::min<int64_t>(8, N - n);
+    for (int r = 0; r < R; ++r) {
+      const __m256 y = _mm256_add_ps(acc[r], off[r]);
+      float* o = out + (m0 + r) * N + n;
+      if (valid == 8) {
+        _mm256_storeu_ps(o, y);
+      } else {  // the last group of a layer whose rows are not a multiple of 8 (padded with zero rows)
+        alignas(32) float tmp[8];
+        _mm256_store_ps(tmp, y);
+        std::memcpy(o, tmp, sizeof(float) * valid);
+      }
+    }
+  }
+}
+
+template <int F>
+void matmul_x8(const uint8_t* W, int64_t group_bytes, int64_t G, const Acts& a, int64_t M, float* out, int64_t N) {
+  // a few hundred KB of weights per piece, as in matmul below; a group is 8 rows
+  const int64_t per_group = group_bytes * (1 + M / 4);
+  const int64_t grain = std::max<int64_t>(2, (256 << 10) / std::max<int64_t>(per_group, 1));
+  omnimini::parallel_range(G, grain, [&](int64_t begin, int64_t end) {
+    constexpr int64_t CHUNK = 2;  // groups whose weights stay in L1/L2 while the activation rows pass by
+    for (int64_t g0 = begin; g0 < end; g0 += CHUNK) {
+      const int64_t g1 = std::min(g0 + CHUNK, end);
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) tile_x8<F, 4>(W, group_bytes, g0, g1, a, m, out, N);
+      switch (M - m) {
+        case 3: tile_x8<F, 3>(W, group_bytes, g0, g1, a, m, out, N); break;
+        case 2: tile_x8<F, 2>(W, group_bytes, g0, g1, a, m, out, N); break;
+        case 1: tile_x8<F, 1>(W, group_bytes, g0, g1, a, m, out, N); break;
+        default: break;
+      }
+    }
+  });
 }
 
 // Q4_K's 12 scale bytes -> 8 scales and 8 mins (6 bits each; see kernels/blocks.py q4_k_scales).
@@ -337,14 +463,20 @@ int64_t bytes_for(int64_t fmt) {
 at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t fmt, int64_t n_out) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "qlinear: x must be a 2-D float32 tensor");
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte, "qlinear: w must be a 2-D uint8 tensor of blocks");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(N == n_out, "qlinear: weight has ", N, " rows, expected ", n_out);
+  const bool x8 = fmt & X8;
+  const int64_t base = fmt & ~X8;
+  TORCH_CHECK(!x8 || base == Q8_0 || base == Q4_0 || base == Q4_1, "qlinear: no interleaved form of format ", base);
+  const int64_t M = x.size(0), K = x.size(1), N = n_out;
+  // interleaved: [ceil(N / 8) groups, 8 rows' blocks]; row-major: [N rows, blocks]
+  TORCH_CHECK(w.size(0) == (x8 ? (N + 7) / 8 : N), "qlinear: weight has ", w.size(0), x8 ? " row groups" : " rows",
+              " for ", N, " outputs");
   TORCH_CHECK(K % QK == 0, "qlinear: K=", K, " is not a multiple of 32");
   const int64_t nb = K / QK;
-  const int64_t per_block = fmt == Q4_K || fmt == Q6_K ? QK_K : QK;
-  TORCH_CHECK(K % per_block == 0, "qlinear: K=", K, " is not a multiple of ", per_block, " (format ", fmt, ")");
-  TORCH_CHECK(w.size(1) == K / per_block * bytes_for(fmt), "qlinear: weight rows hold ", w.size(1),
-              " bytes, expected ", K / per_block * bytes_for(fmt), " for K=", K);
+  const int64_t per_block = base == Q4_K || base == Q6_K ? QK_K : QK;
+  TORCH_CHECK(K % per_block == 0, "qlinear: K=", K, " is not a multiple of ", per_block, " (format ", base, ")");
+  const int64_t row_bytes = K / per_block * bytes_for(base) * (x8 ? 8 : 1);
+  TORCH_CHECK(w.size(1) == row_bytes, "qlinear: weight rows hold ", w.size(1), " bytes, expected ", row_bytes,
+              " for K=", K);
   const at::Tensor xc = x.contiguous();
   const at::Tensor wc = w.contiguous();
   at::Tensor out = at::empty({M, N}, x.options());
@@ -361,6 +493,15 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t fmt, int64_
   const Acts a{qp, dp, sp, nb};
   const uint8_t* wp = wc.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
+  if (x8) {
+    const int64_t G = w.size(0);
+    switch (base) {
+      case Q8_0: matmul_x8<Q8_0>(wp, row_bytes, G, a, M, op, N); break;
+      case Q4_0: matmul_x8<Q4_0>(wp, row_bytes, G, a, M, op, N); break;
+      case Q4_1: matmul_x8<Q4_1>(wp, row_bytes, G, a, M, op, N); break;
+    }
+    return out;
+  }
   switch (fmt) {
     case Q8_0: matmul<Q8_0>(wp, wc.size(1), N, a, M, op); break;
     case Q4_0: matmul<Q4_0>(wp, wc.size(1), N, a, M, op); break;

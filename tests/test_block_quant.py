@@ -52,24 +52,28 @@ def test_quantized_model_decodes_like_its_full_forward(mode):
 @pytest.mark.parametrize("window", [False, True])
 def test_fused_decode_layer_equals_the_layer_module_by_module(window, monkeypatch):
     """decode_layer (one op per layer: norms, q/k/v, attention over the cache, o, gate/up, SiLU, down, residuals)
-    computes exactly what the layer's modules compute one by one with the same kernels: ragged slots, a float16
-    cache, a sliding window; and it is really taken."""
-    from omnimini.model.model import Block
+    and decode_layers (every layer in one op) compute exactly what the layers' modules compute one by one with the
+    same kernels: ragged slots, a float16 cache, a sliding window; and each is really taken."""
+    from omnimini.model.model import Block, OmniModel
 
     extra = dict(sliding_window=4, layer_types=["sliding", "full"], attn_scale=0.2) if window else {}
     m = quantize_model(_model(**extra), "q4_1")
     ids = torch.randint(0, 320, (3, 12), generator=torch.Generator().manual_seed(5))
     slots = torch.tensor([2, 0, 1])
-    calls = []
-    fused = Block._decode_layer
+    calls = {"layer": 0, "stack": 0}
 
-    def counting(self, *a):
-        calls.append(1)
-        return fused(self, *a)
+    def counting(name, real):
+        def wrapped(*a):
+            calls[name] += 1
+            return real(*a)
+        return wrapped
 
-    def decode(use_fused: bool):
-        monkeypatch.setattr(Block, "_decode_layer", counting)
-        if not use_fused:
+    def decode(mode: str):
+        monkeypatch.setattr(Block, "_decode_layer", counting("layer", Block._decode_layer))
+        monkeypatch.setattr(OmniModel, "_decode_layers", counting("stack", OmniModel._decode_layers))
+        if mode != "stack":
+            monkeypatch.setattr(OmniModel, "_decode_stack", lambda self, x, cache: None)
+        if mode == "plain":
             monkeypatch.setattr(Block, "_fused_decode", lambda self, x, cache: False)
         with torch.inference_mode():
             cache = m.new_cache(3, 20, dtype=torch.float16)
@@ -79,11 +83,17 @@ def test_fused_decode_layer_equals_the_layer_module_by_module(window, monkeypatc
         monkeypatch.undo()
         return torch.cat(out, 1), cache
 
-    (got, c1), n_fused = decode(True), len(calls)
-    (want, c2), n_plain = decode(False), len(calls) - n_fused
-    assert n_fused == 7 * 2 and n_plain == 0
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
-    torch.testing.assert_close(c1.k[1], c2.k[1], atol=0, rtol=0)  # the same keys written to the same slots
+    runs = {}
+    for mode in ("stack", "layer", "plain"):
+        before = dict(calls)
+        runs[mode] = decode(mode)
+        made = {k: calls[k] - before[k] for k in calls}
+        assert made == {"stack": {"stack": 7, "layer": 0}, "layer": {"stack": 0, "layer": 14},
+                        "plain": {"stack": 0, "layer": 0}}[mode], mode
+    for mode in ("stack", "layer"):
+        torch.testing.assert_close(runs[mode][0], runs["plain"][0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(runs[mode][1].k[1], runs["plain"][1].k[1], atol=0, rtol=0)  # same keys, slots
+    torch.testing.assert_close(runs["stack"][0], runs["layer"][0], atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("window", [False, True])

@@ -126,6 +126,10 @@ def _register_fakes() -> None:
     def _(x, *args):
         return torch.empty_like(x)
 
+    @torch.library.register_fake("omnimini_cpu::decode_layers")
+    def _(x, *args):
+        return torch.empty_like(x)
+
 
 def available() -> bool:
     """True when torch.ops.omnimini_cpu is usable (building it on the first call)."""

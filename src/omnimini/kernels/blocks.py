@@ -17,6 +17,7 @@ Q5_0 (22 bytes, 32 weights; llama.cpp's quantizers put it on some tensors of Q4_
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -147,6 +148,23 @@ def repack_x8(blocks: torch.Tensor, fmt: str | BlockFormat) -> torch.Tensor:
     scales = b[..., :sb].reshape(G, nb, 8, sb // 2, 2).permute(0, 1, 3, 2, 4).reshape(G, nb, 8 * sb)
     weights = b[..., sb:].reshape(G, nb, 8, -1, 4).transpose(2, 3).reshape(G, nb, -1)
     return torch.cat([scales, weights], -1).reshape(G, -1).contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def _x8_offsets(name: str, row_bytes: int) -> torch.Tensor:
+    """[8, row_bytes]: where byte j of row r sits in its group's interleaved bytes (repack_x8 run on positions)."""
+    where = repack_x8(torch.arange(8 * row_bytes).view(8, row_bytes), name).view(-1)
+    inverse = torch.empty_like(where)
+    inverse[where] = torch.arange(where.numel())
+    return inverse.view(8, row_bytes)
+
+
+def rows_x8(packed: torch.Tensor, fmt: str | BlockFormat, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` [n] of an interleaved weight in GGUF's layout, reading only their bytes (embedding lookups)."""
+    f = fmt if isinstance(fmt, BlockFormat) else get_format(fmt)
+    row_bytes = packed.shape[1] // 8
+    at = (ids // 8 * packed.shape[1])[:, None] + _x8_offsets(f.name, row_bytes)[ids % 8]
+    return packed.view(-1)[at]
 
 
 def unpack_x8(packed: torch.Tensor, fmt: str | BlockFormat, rows: int) -> torch.Tensor:

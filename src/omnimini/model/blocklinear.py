@@ -17,11 +17,25 @@ import torch
 from torch import nn
 
 from omnimini import kernels
-from omnimini.kernels.blocks import QK, X8, X8_FORMATS, check_blocks, dequantize, get_format, quantize, repack_x8, \
-    unpack_x8
+from omnimini.kernels.blocks import (
+    QK,
+    X8,
+    X8_FORMATS,
+    check_blocks,
+    dequantize,
+    get_format,
+    quantize,
+    repack_x8,
+    rows_x8,
+    unpack_x8,
+)
 
 
 class BlockLinear(nn.Module):
+    # bumped whenever any BlockLinear is made or its blocks change (repacked, loaded): OmniModel caches its fused
+    # decode arguments per generation
+    generation = 0
+
     def __init__(self, blocks: torch.Tensor, fmt: str, in_features: int, bias: torch.Tensor | None = None,
                  what: str = "weight"):
         super().__init__()
@@ -30,6 +44,7 @@ class BlockLinear(nn.Module):
         self.in_features, self.out_features = in_features, blocks.shape[0]
         self.register_buffer("blocks", blocks.contiguous())
         self.interleaved = False  # True once `blocks` holds the kernels' x8 form
+        BlockLinear.generation += 1
         self.bias = None if bias is None else bias.detach().float().clone()
 
     @classmethod
@@ -45,16 +60,14 @@ class BlockLinear(nn.Module):
 
     def gguf_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of the weight in GGUF's layout (embedding lookups of a tied head), unpacking only their groups."""
-        if not self.interleaved:
-            return self.blocks.index_select(0, ids)
-        groups = unpack_x8(self.blocks.index_select(0, ids // 8), self.format, 8 * ids.numel())
-        return groups.view(ids.numel(), 8, -1)[torch.arange(ids.numel()), ids % 8]
+        return rows_x8(self.blocks, self.format, ids) if self.interleaved else self.blocks.index_select(0, ids)
 
     def kernel_weight(self) -> tuple[torch.Tensor, int]:
         """The weight and format code for torch.ops.omnimini_cpu (kernels available): interleaved where it can be."""
         if not self.interleaved and self.format.name in X8_FORMATS:
             self.blocks = repack_x8(self.blocks, self.format)
             self.interleaved = True
+            BlockLinear.generation += 1
         return self.blocks, self.format.code | (X8 if self.interleaved else 0)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -64,6 +77,7 @@ class BlockLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if self.interleaved:  # loading GGUF-layout blocks: the module's buffer must take that shape again
             self.blocks, self.interleaved = self.gguf_blocks(), False
+        BlockLinear.generation += 1
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omnimini import kernels
 from omnimini.config import ModelConfig
 from omnimini.model.blocklinear import BlockLinear
 from omnimini.model.layers import Attention, KVCache, RMSNorm, Rotary, SwiGLU
@@ -62,27 +63,35 @@ class Block(nn.Module):
         return x + (y if self.mlp_out_norm is None else self.mlp_out_norm(y)), stats
 
 
-    def _fused_decode(self, x, cache) -> bool:
-        """Whether this single-token step can run as one kernel (kernels/csrc/decode_layer.cpp): every weight in
-        blocks without biases, plain pre-norm SwiGLU, the attention kernel usable. Anything else runs the modules
-        one by one (same kernels, same result)."""
+    def fusable(self) -> bool:
+        """Whether this layer's single-token steps can run as one kernel (kernels/csrc/decode_layer.cpp): every
+        weight in blocks without biases, plain pre-norm SwiGLU, fused q/k/v. Anything else runs the modules one by
+        one (same kernels, same result). The input and the cache are checked per step (_fused_decode)."""
         attn, mlp = self.attn, self.mlp
         linears = (attn.qkv, attn.o_proj, getattr(mlp, "gate_up", None), getattr(mlp, "down_proj", None))
         return (not self.is_moe and self.attn_out_norm is None and getattr(mlp, "act_name", "silu") == "silu"
                 and all(isinstance(m, BlockLinear) and m.bias is None for m in linears)
-                and self.input_norm.weight.dtype == torch.float32 and attn._native_decode(x, cache))
+                and self.input_norm.weight.dtype == torch.float32 and attn.native_decode_possible())
+
+    def _fused_decode(self, x, cache) -> bool:
+        return self.fusable() and self.attn._native_decode(x, cache)
+
+    def decode_weights(self) -> tuple:
+        """decode_layer's weight arguments: the norms, then each linear's kernel weight and format code."""
+        attn, mlp = self.attn, self.mlp
+        return (self.input_norm.weight, self.post_norm.weight, *attn.qkv.kernel_weight(),
+                *attn.o_proj.kernel_weight(), *mlp.gate_up.kernel_weight(), *mlp.down_proj.kernel_weight())
 
     def _decode_layer(self, x, rope, positions, cache, slots):
-        attn, mlp = self.attn, self.mlp
+        attn = self.attn
         B = x.shape[0]
         cos, sin = (t.reshape(B, attn.d) for t in rope)
         rows = slots if slots is not None else torch.arange(B)
+        n_in, n_post, qkv, qkv_f, o, o_f, gu, gu_f, down, down_f = self.decode_weights()
         y = torch.ops.omnimini_cpu.decode_layer(
-            x.reshape(B, -1), self.input_norm.weight, self.post_norm.weight, self.input_norm.eps,
-            *attn.qkv.kernel_weight(), attn.qkv.out_features, *attn.o_proj.kernel_weight(),
-            *mlp.gate_up.kernel_weight(), mlp.gate_up.out_features, *mlp.down_proj.kernel_weight(),
-            cache.k[attn.layer], cache.v[attn.layer], rows, positions.reshape(B), cos, sin,
-            attn.h, attn.kvh, attn.scale or 0.0, attn.window or 0)
+            x.reshape(B, -1), n_in, n_post, self.input_norm.eps, qkv, qkv_f, attn.qkv.out_features, o, o_f, gu,
+            gu_f, self.mlp.gate_up.out_features, down, down_f, cache.k[attn.layer], cache.v[attn.layer], rows,
+            positions.reshape(B), cos, sin, attn.h, attn.kvh, attn.scale or 0.0, attn.window or 0)
         return y.view(B, 1, -1)
 
 
@@ -191,7 +200,11 @@ class OmniModel(nn.Module):
         rope_local = rope if self.rotary_local is None else self.rotary_local(positions)
         stats = []
         image_mask = self._adapter_mask(input_ids, positions, image_from)
-        for blk in self.blocks:
+        stack = self._decode_stack(x, cache) if T == 1 and image_mask is None else None
+        if stack is not None:  # every layer as one op (the same kernels each layer's own fused step calls)
+            x = self._decode_layers(stack, x, rope, rope_local, positions, cache, slots)
+        layers = self.blocks if stack is None else ()
+        for blk in layers:
             if blk.sliding:
                 x, s = blk(x, rope_local, positions, cache, slots, window_mask, image_mask)
             else:
@@ -222,6 +235,48 @@ class OmniModel(nn.Module):
                 m = self.config.moe
                 out.loss = out.loss + m.aux_loss_coef * out.aux_loss + m.z_loss_coef * out.z_loss
         return out
+
+    def _decode_stack(self, x, cache) -> dict | None:
+        """decode_layers' per-layer arguments when every layer can take the fused single-token step now, else
+        None. The layers' structure is read once per BlockLinear.generation (any block weight made, repacked or
+        loaded since starts a new one); the input and the cache are checked per step."""
+        if cache is None or not kernels.usable(x):
+            return None
+        kc = cache.k[0]
+        if kc.dtype not in (torch.float32, torch.float16) or not kc.is_contiguous():
+            return None
+        cached = self.__dict__.get("_stack_cache")
+        if cached is None or cached[0] != BlockLinear.generation:
+            cached = (BlockLinear.generation, self._build_decode_stack())
+            self.__dict__["_stack_cache"] = cached
+        return cached[1]
+
+    def _build_decode_stack(self) -> dict | None:
+        blocks = list(self.blocks)
+        if not blocks or not all(b.fusable() for b in blocks):
+            return None
+        a0 = blocks[0].attn
+        shape = (a0.h, a0.kvh, a0.scale, blocks[0].input_norm.eps, a0.qkv.out_features,
+                 blocks[0].mlp.gate_up.out_features)
+        if any((b.attn.h, b.attn.kvh, b.attn.scale, b.input_norm.eps, b.attn.qkv.out_features,
+                b.mlp.gate_up.out_features) != shape for b in blocks):
+            return None
+        cols = list(zip(*(b.decode_weights() for b in blocks), strict=True))
+        return {"weights": [list(c) for c in cols], "windows": [b.attn.window or 0 for b in blocks],
+                "layers": [b.attn.layer for b in blocks], "shape": shape}
+
+    def _decode_layers(self, stack, x, rope, rope_local, positions, cache, slots):
+        h, kvh, scale, eps, qkv_n, gu_n = stack["shape"]
+        n_in, n_post, qkv, qkv_f, o, o_f, gu, gu_f, down, down_f = stack["weights"]
+        B, D = x.shape[0], rope[0].shape[-1]
+        cos, sin = (t.reshape(B, D) for t in rope)
+        cos_l, sin_l = (t.reshape(B, D) for t in rope_local)
+        rows = slots if slots is not None else torch.arange(B)
+        y = torch.ops.omnimini_cpu.decode_layers(
+            x.reshape(B, -1), n_in, n_post, eps, qkv, qkv_f, qkv_n, o, o_f, gu, gu_f, gu_n, down, down_f,
+            [cache.k[i] for i in stack["layers"]], [cache.v[i] for i in stack["layers"]], rows, positions.reshape(B),
+            cos, sin, cos_l, sin_l, stack["windows"], h, kvh, scale or 0.0)
+        return y.view(B, 1, -1)
 
     def _adapter_mask(self, input_ids, positions, image_from) -> torch.Tensor | None:
         """[B, T] bool: where the image adapters run (positions at or after the row's first image token), or None

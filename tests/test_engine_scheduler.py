@@ -194,14 +194,14 @@ def test_json_schema_constraint(engine, tok):
     schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"enum": ["x", "y"]}},
               "required": ["a", "b"], "additionalProperties": False}
     c = schema_constraint(tok, schema)
-    r = engine.generate([EngineRequest(prompts(tok, 1)[0], SamplingParams(temperature=0.8, seed=1, max_tokens=60),
+    r = engine.generate([EngineRequest(prompts(tok, 1)[0], SamplingParams(temperature=0.8, seed=4, max_tokens=60),
                                        constraint=c, n=2)])[0]
     import json
 
     import jsonschema
 
     for comp in r.completions:
-        assert comp.finish_reason == "stop"
+        assert comp.finish_reason == "stop", comp.text
         jsonschema.validate(json.loads(comp.text), schema)
     with pytest.raises(GrammarError):
         schema_constraint(tok, {"type": "nonsense"})

@@ -65,4 +65,9 @@ def sample_token(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator |
     if p.greedy:
         return int(logits.argmax())
     probs = filter_logits(logits.float(), p).softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=gen))
+    # inverse CDF: one cumsum and a binary search (~60 us over a 49k vocabulary; torch.multinomial took ~1 ms,
+    # a sixth of a batch-1 token). right=True never lands on a zero-probability token (its cdf equals the previous)
+    cdf = probs.cumsum(-1)
+    u = torch.rand(1, generator=gen, dtype=cdf.dtype) * cdf[-1]
+    i = int(torch.searchsorted(cdf, u, right=True).clamp_max(probs.numel() - 1))
+    return i if probs[i] > 0 else int(torch.multinomial(probs, 1, generator=gen))  # u rounded up to the total

@@ -123,7 +123,7 @@ class _Turn:
         ev = R.EventStream()
         start = R.response_object(self.id, self.created, self.body, "in_progress", [])
         output: list[dict] = []
-        msg, text, lps = None, [], []
+        msg, text, lps, pending = None, [], [], []
         try:
             yield ev.event("response.created", response=start)
             yield ev.event("response.in_progress", response=start)
@@ -132,10 +132,12 @@ class _Turn:
                 if p.finish_reason is not None:
                     end = p
                     continue
-                lp = R.text_logprobs(p.logprobs)
-                lps += lp
-                if not p.text:  # held back (a possible tool-call marker): its logprobs come with the done event
+                lp = pending + R.text_logprobs(p.logprobs)
+                lps += R.text_logprobs(p.logprobs)
+                if not p.text:  # held back (a possible tool-call marker, part of a UTF-8 character): its logprobs
+                    pending = lp  # come with the next delta, and with the done event in any case
                     continue
+                pending = []
                 if msg is None:
                     msg = R.message_item("", "in_progress")
                     for e in self._open_message(ev, msg):

@@ -80,11 +80,28 @@ class VisionConfig:
     # how an image is written in the prompt: "repeat": the placeholder token once per image token (the template
     # frames it); "idefics3": each tile's tokens after <fake_token_around_image><row_r_col_c>, the global image's
     # after <fake_token_around_image><global-img>, as Idefics3's processor expands each <image>; "gemma3": the
-    # template's <start_of_image> becomes "\n\n<start_of_image>" + placeholders + "<end_of_image>\n\n"
+    # template's <start_of_image> becomes "\n\n<start_of_image>" + placeholders + "<end_of_image>\n\n"; "qwen2vl":
+    # the template's one <|image_pad|> per image becomes as many as that image (of its own size) gives tokens
     image_prompt: str = "repeat"
+    # Qwen2-VL / Qwen2.5-VL towers (tower="qwen2vl", resize="smart"), all inert by default. Images keep their aspect
+    # ratio: each is resized to multiples of patch_size * pixel_shuffle with min_pixels..max_pixels pixels, patched
+    # at that size (no learned positions: 2D rotary angles of each patch's row and column in the attention), and
+    # the pixel_shuffle x pixel_shuffle neighbours are merged (projector="qwen2vl": norm, Linear-GELU-Linear)
+    tower: str = "vit"  # "vit": VisionEncoder; "qwen2vl": QwenVisionEncoder (model/qwen_vision.py)
+    temporal_patch: int = 1  # frames per patch (Qwen: 2; a still image is its own two frames)
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    norm: str = "layer"  # the blocks' norms: "layer" (LayerNorm) | "rms" (Qwen2.5-VL)
+    mlp: str = "fc"  # the blocks' MLP: "fc" (fc2(act(fc1))) | "gated" (down(act(gate) * up), with biases: Qwen2.5-VL)
+    rope_theta: float = 10000.0  # base of the tower's 2D rotary angles (tower="qwen2vl")
+    # Qwen2.5-VL: window attention in windows of window_size x window_size pixels (0: every layer sees the whole
+    # image), except the layers in full_attention_layers
+    window_size: int = 0
+    full_attention_layers: tuple[int, ...] = ()
 
     def __post_init__(self):  # JSON gives lists back
         self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
+        self.full_attention_layers = tuple(self.full_attention_layers)
 
     @property
     def grid(self) -> int:
@@ -133,6 +150,10 @@ class ModelConfig:
     # every position before the first image (so every text-only request, and the shared system prompt of an image
     # request) computes exactly as without them.
     image_adapter_dim: int = 0
+    # M-RoPE (Qwen2-VL): the rotary frequencies split into temporal / height / width sections (counts of the
+    # head's dim/2 frequencies); an image token rotates each section by its own coordinate, a text token by its
+    # position in all three (= plain RoPE). None: plain RoPE everywhere
+    mrope_section: list[int] | None = None
     arch: str = "omnimini"  # the family the weights came from, informational
 
     def __post_init__(self):
@@ -166,6 +187,10 @@ class ModelConfig:
             raise ConfigError(f"qk_norm must be none|head|full, got {self.qk_norm!r}")
         if self.hidden_act not in ACTIVATIONS:
             raise ConfigError(f"hidden_act must be one of {', '.join(ACTIVATIONS)}, got {self.hidden_act!r}")
+        if self.mrope_section is not None and (len(self.mrope_section) != 3
+                                               or sum(self.mrope_section) != self.dim_head // 2):
+            raise ConfigError(f"mrope_section {self.mrope_section} must be 3 counts summing to head_dim/2 "
+                              f"({self.dim_head // 2})")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ConfigError(f"sliding_window must be >= 1, got {self.sliding_window}")
         if self.layer_types is not None:
@@ -186,10 +211,12 @@ class ModelConfig:
                 raise ConfigError(f"vision grid {v.grid} not divisible by pixel_shuffle {v.pixel_shuffle}")
             if v.hidden_size % v.num_heads:
                 raise ConfigError(f"vision.hidden_size {v.hidden_size} not divisible by heads {v.num_heads}")
-            choices = {"positions": ("2d", "1d"), "act": ("gelu", "quick_gelu", "gelu_tanh"),
-                       "projector": ("omnimini", "mlp", "linear", "gemma3"),
-                       "resize": ("square", "crop", "tiles"), "resample": ("bicubic", "lanczos", "bilinear"),
-                       "image_prompt": ("repeat", "idefics3", "gemma3")}
+            choices = {"positions": ("2d", "1d"), "act": ("gelu", "quick_gelu", "gelu_tanh", "silu"),
+                       "projector": ("omnimini", "mlp", "linear", "gemma3", "qwen2vl"),
+                       "resize": ("square", "crop", "tiles", "smart"),
+                       "resample": ("bicubic", "lanczos", "bilinear"),
+                       "image_prompt": ("repeat", "idefics3", "gemma3", "qwen2vl"), "tower": ("vit", "qwen2vl"),
+                       "norm": ("layer", "rms"), "mlp": ("fc", "gated")}
             for key, allowed in choices.items():
                 if getattr(v, key) not in allowed:
                     raise ConfigError(f"vision.{key} must be one of {', '.join(allowed)}, got {getattr(v, key)!r}")
@@ -201,6 +228,12 @@ class ModelConfig:
                 raise ConfigError(f"vision.max_edge must be >= 1, got {v.max_edge}")
             if v.split_images and v.resize != "tiles":
                 raise ConfigError("vision.split_images needs resize='tiles'")
+            qwen = (v.tower == "qwen2vl", v.resize == "smart", v.projector == "qwen2vl")
+            if any(qwen) and not all(qwen):
+                raise ConfigError("vision.tower, resize and projector must all be 'qwen2vl'/'smart' or none of them")
+            if v.window_size and v.window_size % (v.patch_size * v.pixel_shuffle):
+                raise ConfigError(f"vision.window_size {v.window_size} is not a multiple of patch_size x "
+                                  f"pixel_shuffle ({v.patch_size * v.pixel_shuffle})")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -160,6 +160,33 @@ def split_tiles(img: Image.Image, vision) -> tuple[list[Image.Image], int, int]:
     return tiles + [img.resize((tile, tile), f)], rows, cols
 
 
+def smart_resize(h: int, w: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen2-VL's target (height, width): each side rounded to a multiple of `factor` (patch x merge), then
+    scaled (keeping the aspect ratio, floored / ceiled to the factor) into min_pixels..max_pixels."""
+    if max(h, w) / min(h, w) > 200:
+        raise ImageError(f"image of {w}x{h} px: an aspect ratio over 200 is not supported")
+    hb, wb = round(h / factor) * factor, round(w / factor) * factor
+    if hb * wb > max_pixels:
+        beta = math.sqrt(h * w / max_pixels)
+        hb = max(factor, math.floor(h / beta / factor) * factor)
+        wb = max(factor, math.floor(w / beta / factor) * factor)
+    elif hb * wb < min_pixels:
+        beta = math.sqrt(min_pixels / (h * w))
+        hb, wb = math.ceil(h * beta / factor) * factor, math.ceil(w * beta / factor) * factor
+    return hb, wb
+
+
+def native_pixels(img: Image.Image, vision) -> torch.Tensor:
+    """An image at its own aspect ratio (resize="smart", Qwen2-VL): normalised [3, H, W] with H and W multiples
+    of patch_size x pixel_shuffle; the tower cuts it into patches."""
+    img = img.convert("RGB")
+    w, h = img.size
+    th, tw = smart_resize(h, w, vision.patch_size * vision.pixel_shuffle, vision.min_pixels, vision.max_pixels)
+    if (tw, th) != (w, h):
+        img = img.resize((tw, th), RESAMPLE[vision.resample])
+    return _normalise(img, vision.image_mean, vision.image_std)
+
+
 def vision_tiles(img: Image.Image, vision) -> tuple[torch.Tensor, tuple[int, int]]:
     """An image as the model's vision tower takes it: [tiles, 3, S, S] (one tile unless the family splits images)
     and the split's (rows, cols), (0, 0) when it is not split."""
@@ -204,13 +231,19 @@ GEMMA_BOI, GEMMA_EOI = "<start_of_image>", "<end_of_image>"  # Gemma 3's
 
 @dataclass
 class ImageInputs:
-    pixels: torch.Tensor  # [tiles, 3, S, S]: every image's tiles in prompt order
+    # [tiles, 3, S, S]: every image's tiles in prompt order; resize="smart": a list of [3, H, W], one per image
+    pixels: torch.Tensor | list[torch.Tensor]
     texts: list[str] | None  # each image's prompt text (prompt_texts), None where the template writes it
-    image_tokens: int  # placeholders per tile (the template's image_tokens)
+    image_tokens: int  # placeholders per tile (the template's image_tokens; 0 where they differ per image)
 
 
 def image_inputs(images: list[Image.Image], vision, image_token: str | None) -> ImageInputs:
     """Images of one request -> the tower's pixels and how the prompt writes them."""
+    if vision.resize == "smart":  # each image at its own size: as many placeholders as its merged patch grid
+        pixels = [native_pixels(img, vision) for img in images]
+        side = vision.patch_size * vision.pixel_shuffle
+        texts = [(image_token or "") * ((p.shape[1] // side) * (p.shape[2] // side)) for p in pixels]
+        return ImageInputs(pixels, texts, 0)
     pixels, grids = zip(*(vision_tiles(img, vision) for img in images), strict=True)
     return ImageInputs(torch.cat(pixels), prompt_texts(vision, list(grids), image_token or ""),
                        vision.tokens_per_image)

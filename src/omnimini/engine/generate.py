@@ -22,7 +22,8 @@ class PromptTooLongError(ValueError):
 class GenRequest:
     prompt_ids: list[int]
     params: SamplingParams
-    pixels: torch.Tensor | None = None  # [n_images, 3, S, S] for the placeholders in prompt_ids
+    # [n_images, 3, S, S] for the placeholders in prompt_ids (a list of [3, H, W]: images at their own size)
+    pixels: torch.Tensor | list[torch.Tensor] | None = None
 
 
 def check_length(n_prompt: int, max_len: int) -> None:
@@ -46,13 +47,16 @@ def _pad(rows: list[list[int]], pad: int, device=None) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def prefill(model, cache, rows: list[list[int]], slots: torch.Tensor, image_embeds=None) -> torch.Tensor:
-    """Run right-padded prompts through the model into cache rows `slots`; return each row's last logits."""
+def prefill(model, cache, rows: list[list[int]], slots: torch.Tensor, image_embeds=None,
+            rope_positions=None) -> torch.Tensor:
+    """Run right-padded prompts through the model into cache rows `slots`; return each row's last logits.
+    rope_positions: M-RoPE coordinates of the padded rows [B, T, 3] (see mrope_prefill)."""
     dev = model.norm.weight.device  # (the embedding may hold quantized blocks)
     ids = _pad(rows, 0, dev)
     B, T = ids.shape
     positions = torch.arange(T, device=dev).expand(B, T)
-    out = model(ids, positions=positions, cache=cache, slots=slots.to(dev), image_embeds=image_embeds)
+    out = model(ids, positions=positions, cache=cache, slots=slots.to(dev), image_embeds=image_embeds,
+                rope_positions=rope_positions)
     last = torch.tensor([len(r) - 1 for r in rows], device=dev)
     return out.logits[torch.arange(B, device=dev), last].float().cpu()
 
@@ -70,9 +74,13 @@ def generate_stream(model, requests: list[GenRequest], eos_ids: list[int]) -> It
     embeds = None
     pix = [r.pixels for r in requests if r.pixels is not None]
     dev = model.norm.weight.device  # (the embedding may hold quantized blocks)
-    if pix:
+    if pix and isinstance(pix[0], list):  # images at their own sizes: one list, in prompt order
+        embeds = model.encode_images([p.to(dev) for images in pix for p in images])
+    elif pix:
         embeds = model.encode_images(torch.cat(pix).to(dev))
-    logits = prefill(model, cache, [r.prompt_ids for r in requests], slots, embeds)
+    rope, deltas = mrope_prefill(model, requests)
+    logits = prefill(model, cache, [r.prompt_ids for r in requests], slots, embeds,
+                     None if rope is None else rope.to(dev))
     image_from = torch.tensor([first_image(r.prompt_ids, model.config.image_token_id) for r in requests], device=dev)
     gens = [make_generator(r.params.seed) for r in requests]
     counts = torch.zeros(B, model.config.vocab_size)
@@ -98,10 +106,29 @@ def generate_stream(model, requests: list[GenRequest], eos_ids: list[int]) -> It
         if all(done):
             return
         ids = torch.tensor(nxt, device=dev)[:, None]
+        rp = None if deltas is None else (lengths + deltas)[:, None].to(dev)  # M-RoPE: behind the cache position
         out = model(ids, positions=lengths[:, None].to(dev), cache=cache, slots=slots.to(dev), image_from=image_from,
-                    logits_for="last")
+                    logits_for="last", rope_positions=rp)
         logits = out.logits[:, -1].float().cpu()
         lengths += 1
+
+
+def mrope_prefill(model, requests: list[GenRequest]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """M-RoPE (Qwen2-VL) requests with images: ([B, T, 3] rotary coordinates of the right-padded prompts,
+    [B] what each row's decode steps add to their cache position); (None, None) when rotary positions are the
+    cache positions (no M-RoPE, or no image: a text prompt's three coordinates are its positions)."""
+    if model.config.mrope_section is None or all(r.pixels is None for r in requests):
+        return None, None
+    T = max(len(r.prompt_ids) for r in requests)
+    rope = torch.arange(T).repeat(len(requests), 1)[..., None].repeat(1, 1, 3)
+    deltas = torch.zeros(len(requests), dtype=torch.long)
+    for i, r in enumerate(requests):
+        if r.pixels is not None:
+            coords, delta = model.mrope_positions(torch.tensor([r.prompt_ids]), r.pixels)
+            deltas[i] = int(delta[0])
+            rope[i] += deltas[i]  # (the pad tail: any position, never read)
+            rope[i, : len(r.prompt_ids)] = coords[0]
+    return rope, deltas
 
 
 def generate(model, requests: list[GenRequest], eos_ids: list[int],

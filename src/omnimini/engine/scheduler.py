@@ -80,7 +80,8 @@ class EngineRequest:
     prompt_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     n: int = 1
-    pixels: torch.Tensor | None = None  # [n_images, 3, S, S] for the image placeholders in prompt_ids
+    # [n_images, 3, S, S] for the image placeholders in prompt_ids (a list of [3, H, W]: images at their own size)
+    pixels: torch.Tensor | list[torch.Tensor] | None = None
     constraint: Constraint | None = None  # grammar every sequence must follow
     priority: int = 0  # 0 interactive; > 0 background (admitted after interactive requests, never in their slots)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -184,6 +185,10 @@ class _Req:
         self.block_keys: list[bytes] = []  # chain-hash keys of the prompt's full blocks (prefix cache on)
         self.image_embeds: torch.Tensor | None = None  # [n_placeholders, hidden]
         self.image_from = NO_IMAGE  # position of the first image placeholder (the image adapters start there)
+        # M-RoPE (Qwen2-VL): the prompt's [len, 3] rotary coordinates, and what decode steps add to their cache
+        # position (the rotary positions after an image run behind the token count)
+        self.rope_positions: torch.Tensor | None = None
+        self.rope_delta = 0
         self.t_submit = time.monotonic()
         self.t_first: float | None = None
 
@@ -273,11 +278,11 @@ class Engine:
         img = self.model.config.image_token_id
         n_ph = sum(1 for t in req.prompt_ids if t == img) if img is not None else 0
         if req.pixels is not None:
-            tpi = self.model.config.vision.tokens_per_image if self.model.config.vision else 0
-            if n_ph != req.pixels.shape[0] * tpi:
+            need = self.model.image_token_count(req.pixels) if self.model.config.vision else 0
+            if n_ph != need:
                 # (a family that splits images sends each tile as one tower image)
-                raise ValueError(f"prompt has {n_ph} image placeholders; {req.pixels.shape[0]} images (tiles) "
-                                 f"need {req.pixels.shape[0] * tpi}")
+                raise ValueError(f"prompt has {n_ph} image placeholders; {len(req.pixels)} images (tiles) "
+                                 f"need {need}")
         elif n_ph:
             raise ValueError(f"prompt has {n_ph} image placeholder tokens but no images were given")
         return reserve
@@ -412,6 +417,8 @@ class Engine:
         cfg = self.model.config
         digests = [image_digest(p) for p in req.pixels] if req.pixels is not None else None
         tpi = cfg.vision.tokens_per_image if cfg.vision is not None else 0
+        if isinstance(req.pixels, list):  # images of their own sizes: one key for all, on every image block
+            digests, tpi = [b"".join(digests)], max(1, self.model.image_token_count(req.pixels))
         return block_keys(req.prompt_ids, self.prefix_cache.block_size, cfg.image_token_id, digests, tpi)
 
     def _can_admit(self, r: _Req) -> bool:
@@ -437,7 +444,10 @@ class Engine:
             if r.req.pixels is not None:
                 r.image_from = first_image(r.prompt, self.model.config.image_token_id)
                 try:
-                    r.image_embeds = self.model.encode_images(r.req.pixels).flatten(0, 1)
+                    r.image_embeds = self.model.encode_images(r.req.pixels).flatten(0, -2)
+                    if self.model.config.mrope_section is not None:
+                        rope, delta = self.model.mrope_positions(torch.tensor([r.prompt]), r.req.pixels)
+                        r.rope_positions, r.rope_delta = rope[0], int(delta[0])
                 except Exception as e:
                     self._fail(r, f"image encoding failed: {e}")
                     continue
@@ -507,9 +517,17 @@ class Engine:
                 if inside:
                     embeds.append(r.image_embeds[before: before + inside])
         slots = torch.tensor([r.seqs[0].slot for r, _, _ in batch])
+        rope = None
+        if any(r.rope_positions is not None for r, _, _ in batch):  # M-RoPE: the chunk's own coordinates
+            rope = pos[..., None].repeat(1, 1, 3)
+            for i, (r, s, e) in enumerate(batch):
+                if r.rope_positions is not None:
+                    rope[i] += r.rope_delta  # (the pad tail: any position, never read)
+                    rope[i, : e - s] = r.rope_positions[s:e]
         out = self.model(ids, positions=pos, cache=self.cache, slots=slots,
                          image_embeds=torch.cat(embeds) if embeds else None,
-                         image_from=self._image_from([r for r, _, _ in batch]), logits_for="last")
+                         image_from=self._image_from([r for r, _, _ in batch]), logits_for="last",
+                         rope_positions=rope)
         last = torch.tensor([e - s - 1 for _, s, e in batch])
         h = out.hidden[torch.arange(len(batch)), last]
         logits = self.model.output_head(h[:, None])[:, 0].float()
@@ -560,8 +578,9 @@ class Engine:
         pos = torch.tensor([[s.cached] for s in seqs])
         slots = torch.tensor([s.slot for s in seqs])
         image_from = self._image_from([s.req for s in seqs])
+        deltas = torch.tensor([[s.req.rope_delta] for s in seqs])
         out = self.model(ids, positions=pos, cache=self.cache, slots=slots, image_from=image_from,
-                         logits_for="last")
+                         logits_for="last", rope_positions=pos + deltas if bool(deltas.any()) else None)
         logits = out.logits[:, -1].float()
         for i, s in enumerate(seqs):
             s.cached += 1

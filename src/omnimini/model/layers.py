@@ -52,8 +52,19 @@ def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
     return inv.float()
 
 
+def mrope_axes(section: list[int] | None) -> torch.Tensor | None:
+    """Which coordinate (0 temporal, 1 height, 2 width) each rotary frequency reads under M-RoPE: the first
+    section[0] frequencies the temporal one, the next section[1] the height, the rest the width."""
+    if section is None:
+        return None
+    return torch.cat([torch.full((n,), axis, dtype=torch.long) for axis, n in enumerate(section)])
+
+
 class Rotary(nn.Module):
-    """Rotate-half RoPE (the Llama/HF convention); cos/sin are looked up per position so batches may differ."""
+    """Rotate-half RoPE (the Llama/HF convention); cos/sin are looked up per position so batches may differ.
+
+    With cfg.mrope_section positions may also be [B, T, 3] (temporal, height, width: M-RoPE), each frequency
+    rotating by its own coordinate; [B, T] positions are then the same position in all three, plain RoPE."""
 
     def __init__(self, cfg: ModelConfig, local: bool = False):
         super().__init__()
@@ -65,7 +76,15 @@ class Rotary(nn.Module):
         self.inv_freq = rope_inv_freq(self.cfg, self.local).to(device)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[..., None] * self.inv_freq  # [B, T, D/2]
+        if positions.dim() == 3:  # M-RoPE: [B, T, 3]
+            if self.cfg.mrope_section is None:
+                raise ValueError("3D (temporal, height, width) positions need a model with mrope_section")
+            # made per call, not a buffer: the model is built on the meta device, which would leave it empty
+            axes = mrope_axes(self.cfg.mrope_section).to(positions.device)
+            coords = positions[..., axes]  # [B, T, D/2]: each frequency's coordinate
+            freqs = coords.float() * self.inv_freq
+        else:
+            freqs = positions.float()[..., None] * self.inv_freq  # [B, T, D/2]
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos()[:, None], emb.sin()[:, None]  # [B, 1, T, D]
 

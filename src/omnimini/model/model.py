@@ -13,7 +13,7 @@ from omnimini.config import ModelConfig
 from omnimini.model.blocklinear import BlockLinear
 from omnimini.model.layers import Attention, KVCache, RMSNorm, Rotary, SwiGLU
 from omnimini.model.moe import MoE
-from omnimini.model.vision import VisionEncoder
+from omnimini.model.vision import vision_tower
 
 NO_IMAGE = 2 ** 62  # image_from of a row without an image: past every position
 
@@ -121,7 +121,7 @@ class OmniModel(nn.Module):
         self.rotary = Rotary(cfg)
         # sliding layers with their own rope base (Gemma 3) get their own angles; otherwise they share these
         self.rotary_local = Rotary(cfg, local=True) if cfg.rope_local_theta is not None else None
-        self.vision = VisionEncoder(cfg.vision, cfg.hidden_size) if cfg.vision else None
+        self.vision = vision_tower(cfg.vision, cfg.hidden_size) if cfg.vision else None
         self.apply(self._init)
 
     @staticmethod
@@ -141,11 +141,34 @@ class OmniModel(nn.Module):
 
     # ---- inputs --------------------------------------------------------------------------------------------
 
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[N, 3, S, S] -> [N, tokens_per_image, hidden]; computed once per request by the engine."""
+    def encode_images(self, pixels) -> torch.Tensor:
+        """[N, 3, S, S] -> [N, tokens_per_image, hidden]; computed once per request by the engine. Towers that take
+        each image at its own size (Qwen2-VL) take a list of [3, H, W] and give [their tokens, hidden]."""
         if self.vision is None:
             raise ValueError("this model has no vision encoder; it cannot take images")
-        return self.vision(pixels.to(self.norm.weight.dtype))  # (the embedding may hold quantized blocks)
+        dtype = self.norm.weight.dtype  # (the embedding may hold quantized blocks)
+        if isinstance(pixels, (list, tuple)):
+            return self.vision([p.to(dtype) for p in pixels])
+        return self.vision(pixels.to(dtype))
+
+    def image_token_count(self, pixels) -> int:
+        """How many image placeholders these images fill in a prompt."""
+        if isinstance(pixels, (list, tuple)):
+            return self.vision.token_count(pixels)
+        return pixels.shape[0] * self.config.vision.tokens_per_image
+
+    def mrope_positions(self, input_ids: torch.Tensor, pixels) -> tuple[torch.Tensor, torch.Tensor]:
+        """M-RoPE coordinates of right-padded rows input_ids [B, T] whose image tokens the images `pixels` (a list
+        of [3, H, W], in prompt order across the rows) fill: ([B, T, 3], delta [B]: each row's next rotary
+        position minus T, what later tokens add to their cache position)."""
+        from omnimini.model.mrope import mrope_positions
+        from omnimini.model.qwen_vision import image_grid
+
+        grids = iter([image_grid(p, self.config.vision) for p in pixels])
+        rows = [mrope_positions(r, self.config.image_token_id, grids) for r in input_ids.tolist()]
+        T = input_ids.shape[1]
+        return (torch.stack([r for r, _ in rows]).to(input_ids.device),
+                torch.tensor([nxt - T for _, nxt in rows], device=input_ids.device))
 
     def embed_inputs(self, input_ids, pixels=None, image_embeds=None) -> torch.Tensor:
         x = self.embed(input_ids)
@@ -170,7 +193,8 @@ class OmniModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, labels=None, positions=None, attention_mask=None,
                 cache: KVCache | None = None, slots=None, pixels=None, image_embeds=None,
-                image_from: torch.Tensor | None = None, logits_for: str | torch.Tensor = "all") -> ModelOutput:
+                image_from: torch.Tensor | None = None, logits_for: str | torch.Tensor = "all",
+                rope_positions: torch.Tensor | None = None) -> ModelOutput:
         """input_ids [B, T]. Without a cache: causal attention (plus key padding from attention_mask [B, T]).
         With a cache: tokens are written at `positions` [B, T] (rows `slots` of the cache) and attend to every
         cached key at a position <= their own. logits_for="last" computes logits only for the last position;
@@ -180,6 +204,9 @@ class OmniModel(nn.Module):
         image_from [B]: the position of each row's first image token (NO_IMAGE for rows without one), which turns
         the image adapters on from there; needed when the image is not in input_ids (decode, later prefill
         chunks), otherwise read off input_ids.
+        rope_positions: the rotary positions when they are not `positions` (which stay the cache positions): [B, T]
+        or M-RoPE's [B, T, 3] (mrope_section). With pixels and mrope_section they are computed here from the
+        prompt (rows starting at position 0); the engine passes them for its chunks and decode steps.
         """
         B, T = input_ids.shape
         if positions is None:
@@ -196,8 +223,11 @@ class OmniModel(nn.Module):
         else:
             window_mask = mask
         x = self.embed_inputs(input_ids, pixels, image_embeds)
-        rope = self.rotary(positions)
-        rope_local = rope if self.rotary_local is None else self.rotary_local(positions)
+        if rope_positions is None and self.config.mrope_section is not None and pixels is not None:
+            rope_positions = self.mrope_positions(input_ids, pixels)[0]
+        rp = positions if rope_positions is None else rope_positions.to(positions.device)
+        rope = self.rotary(rp)
+        rope_local = rope if self.rotary_local is None else self.rotary_local(rp)
         stats = []
         image_mask = self._adapter_mask(input_ids, positions, image_from)
         stack = self._decode_stack(x, cache) if T == 1 and image_mask is None else None

@@ -1,4 +1,7 @@
-"""Vision encoder (a small ViT with learned 2D positions) and the pixel-shuffle projector into the LM width."""
+"""Vision encoder (a small ViT with learned 2D positions) and the pixel-shuffle projector into the LM width.
+
+Qwen2-VL's tower (native-resolution images, rotary patch positions, window attention) is QwenVisionEncoder in
+qwen_vision.py, built from the same ViTBlock; vision_tower picks the one a VisionConfig describes."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omnimini.config import VisionConfig
-from omnimini.model.layers import RMSNorm
+from omnimini.model.layers import RMSNorm, apply_rope
 
 # ImageNet-style normalisation; images arrive as float [3, S, S] in 0..1
 MEAN = (0.5, 0.5, 0.5)
@@ -22,26 +25,41 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")  # SigLIP's gelu_pytorch_tanh
 
 
-ACTS = {"gelu": F.gelu, "quick_gelu": quick_gelu, "gelu_tanh": gelu_tanh}
+ACTS = {"gelu": F.gelu, "quick_gelu": quick_gelu, "gelu_tanh": gelu_tanh, "silu": F.silu}
+
+
+def vision_norm(cfg: VisionConfig, d: int) -> nn.Module:
+    return RMSNorm(d, eps=cfg.norm_eps) if cfg.norm == "rms" else nn.LayerNorm(d, eps=cfg.norm_eps)
 
 
 class ViTBlock(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        d = cfg.hidden_size
+        d, inter = cfg.hidden_size, cfg.intermediate_size
         self.heads = cfg.num_heads
-        self.norm1, self.norm2 = nn.LayerNorm(d, eps=cfg.norm_eps), nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.norm1, self.norm2 = vision_norm(cfg, d), vision_norm(cfg, d)
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
-        self.fc1, self.fc2 = nn.Linear(d, cfg.intermediate_size), nn.Linear(cfg.intermediate_size, d)
+        self.gated = cfg.mlp == "gated"
+        if self.gated:  # Qwen2.5-VL: a SwiGLU MLP with biases
+            self.gate_proj, self.up_proj, self.down_proj = nn.Linear(d, inter), nn.Linear(d, inter), nn.Linear(inter, d)
+        else:
+            self.fc1, self.fc2 = nn.Linear(d, inter), nn.Linear(inter, d)
         self.act = ACTS[cfg.act]
 
-    def forward(self, x):
+    def forward(self, x, rope=None, mask=None):
+        """x [B, N, D]; rope: (cos, sin) [N, head_dim] rotary angles of each patch (towers without learned
+        positions); mask [N, N] bool: which patches see which (window attention), None: all see all."""
         B, N, D = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v)  # bidirectional: every patch sees every patch
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # bidirectional
         x = x + self.proj(a.transpose(1, 2).reshape(B, N, D))
-        return x + self.fc2(self.act(self.fc1(self.norm2(x))))
+        h = self.norm2(x)
+        if self.gated:
+            return x + self.down_proj(self.act(self.gate_proj(h)) * self.up_proj(h))
+        return x + self.fc2(self.act(self.fc1(h)))
 
 
 class VisionEncoder(nn.Module):
@@ -128,3 +146,12 @@ class VisionEncoder(nn.Module):
         # 1e-4 of their size across images after 120 steps, and answers were identical with a blank image).
         # Centred tokens cannot collapse that way; what is left is what differs between places in the image.
         return self.proj_norm(y - y.mean(dim=1, keepdim=True) if self.cfg.center_tokens else y)
+
+
+def vision_tower(cfg: VisionConfig, lm_hidden: int) -> nn.Module:
+    """The vision encoder + projector a VisionConfig describes (OmniModel.vision)."""
+    if cfg.tower == "qwen2vl":
+        from omnimini.model.qwen_vision import QwenVisionEncoder
+
+        return QwenVisionEncoder(cfg, lm_hidden)
+    return VisionEncoder(cfg, lm_hidden)

@@ -23,8 +23,9 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwe
                          "gemma3_text")
 GEMMA = ("gemma3_text",)
 # CLIP tower + MLP projector (hf_llava.py); SigLIP tower + pixel shuffle + linear projector, images split into tiles
-# (hf_idefics3.py); SigLIP tower + pooling projector on Gemma 3 (hf_gemma3.py); each with one of the text families
-VISION_LANGUAGE = ("llava", "idefics3", "smolvlm", "gemma3")
+# (hf_idefics3.py); SigLIP tower + pooling projector on Gemma 3 (hf_gemma3.py); native-resolution ViT + patch
+# merger on Qwen2 with M-RoPE (hf_qwen2vl.py); each with one of the text families
+VISION_LANGUAGE = ("llava", "idefics3", "smolvlm", "gemma3", "qwen2_vl", "qwen2_5_vl")
 SUPPORTED_ROPE = ("default", "linear", "llama3")
 HF_INDEX = "model.safetensors.index.json"
 
@@ -295,17 +296,22 @@ def load_hf_model(path, device="cpu", dtype=torch.float32):
 def _load_vlm(d: Path, c: dict, device, dtype):
     import dataclasses
 
-    from omnimini.weights import hf_gemma3, hf_idefics3, hf_llava
+    from omnimini.weights import hf_gemma3, hf_idefics3, hf_llava, hf_qwen2vl
 
     mt = c["model_type"]
-    family = {"llava": hf_llava, "gemma3": hf_gemma3}.get(mt, hf_idefics3)
+    family = {"llava": hf_llava, "gemma3": hf_gemma3, "qwen2_vl": hf_qwen2vl,
+              "qwen2_5_vl": hf_qwen2vl}.get(mt, hf_idefics3)
     vision, image_token = family.vision_config(c, d)  # first: a missing preprocessor config is named up front
     text = config_from_hf(family.text_config(c))
     lm, tower = family.split_state(read_safetensors(_weight_files(d)), vision)
-    if family is hf_idefics3:  # an exported head means an untied one, whichever config level says otherwise
+    if family in (hf_idefics3, hf_qwen2vl):  # an exported head means an untied one, whichever config says
         text = dataclasses.replace(text, tie_embeddings="lm_head.weight" not in lm)
-    cfg = dataclasses.replace(text, vision=vision, image_token_id=image_token, arch=mt,
-                              image_attention="bidirectional" if family is hf_gemma3 else "causal")
+    extra = {"mrope_section": hf_qwen2vl.mrope_section(c)} if family is hf_qwen2vl else {}
+    try:
+        cfg = dataclasses.replace(text, vision=vision, image_token_id=image_token, arch=mt,
+                                  image_attention="bidirectional" if family is hf_gemma3 else "causal", **extra)
+    except ConfigError as e:
+        raise CheckpointError(f"{mt} config.json: {e}") from None
     state = {**convert_state(lm, text), **tower}
     return build_model(cfg, state, f"{d} ({mt})", device, dtype)
 

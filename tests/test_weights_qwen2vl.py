@@ -199,6 +199,24 @@ def test_pixels_prompt_and_logits_match_transformers(qwen):
         torch.testing.assert_close(model(text).logits, ref(input_ids=text).logits, atol=1e-4, rtol=0)
 
 
+def test_two_images_in_one_prompt(qwen):
+    """The second image's coordinates start where the text after the first leaves off (both grids consumed in
+    prompt order)."""
+    ref, d, processor = qwen
+    model, tok = load_hf(d)
+    a, b = _images()
+    messages = [{"role": "user", "content": [{"type": "image", "image": a}, {"type": "text", "text": "and"},
+                                             {"type": "image", "image": b}, {"type": "text", "text": "differ?"}]}]
+    ids, pixels = encode_messages(model, tok, messages)
+    bare = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and"}, {"type": "image"},
+                                         {"type": "text", "text": "differ?"}]}]
+    want = processor([processor.apply_chat_template(bare)], [a, b])
+    assert ids == want["input_ids"][0].tolist() and len(pixels) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(torch.tensor([ids]), pixels=pixels).logits, ref(**want).logits, atol=1e-4,
+                                   rtol=0)
+
+
 @pytest.mark.parametrize("hw", [(150, 90), (7, 12), (64, 64), (33, 200)])
 def test_resize_to_the_processors_sizes(qwen2vl, hw):
     """smart_resize's three cases (rounded; scaled down past max_pixels; up under min_pixels): the same patches and
@@ -250,6 +268,30 @@ def test_greedy_after_an_image_matches_transformers_generate(qwen):
         eng.shutdown()
     assert res[0].completions[0].token_ids == theirs
     assert res[1].completions[0].token_ids == both[0]
+
+
+def test_quantized_decode_kernels_rotate_after_the_image(qwen2vl):
+    """q8_0 blocks: single-token steps run omnimini's attention decode kernel (rotary, cache write and attention in
+    one op; Qwen2's q/k/v biases keep the whole-layer kernel out), which takes the model's own rotary angles: the
+    cached greedy tokens after an image are those of recomputing the whole sequence each step."""
+    from omnimini import kernels
+    from omnimini.engine.quant import quantize_model
+
+    if not kernels.available():
+        pytest.skip("omnimini's CPU kernels are not available here")
+    _, d, _ = qwen2vl
+    model, tok = load_hf(d)
+    quantize_model(model, "q8_0")
+    prompt, pix = encode_messages(model, tok, _messages(TEXTS[1], _images()[0]))
+    cached = generate(model, [GenRequest(prompt, SamplingParams(temperature=0, max_tokens=12), pixels=pix)],
+                      eos_ids=[])[0]
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(12):
+            logits = model(torch.tensor([seq]), pixels=pix).logits[0, -1]
+            logits[PAD] = float("-inf")
+            seq.append(int(logits.argmax()))
+    assert cached == seq[len(prompt):]
 
 
 def test_bad_qwen2vl_checkpoints_are_named(qwen2vl, tmp_path):

@@ -329,6 +329,22 @@ def test_hub_layout_config_loads_the_same(qwen2vl, tmp_path):
     assert a.config == b.config
 
 
+def test_saved_as_omnimini_checkpoint_round_trips(qwen, tmp_path):
+    """The loaded model saved in omnimini's own format (its config keeps the tower and M-RoPE options) gives the
+    same logits with images."""
+    from omnimini.model.model import OmniModel
+
+    _, d, _ = qwen
+    model, tok = load_hf(d)
+    model.save_pretrained(tmp_path, tokenizer=tok)
+    again = OmniModel.from_pretrained(tmp_path)
+    assert again.config == model.config
+    ids, pixels = encode_messages(model, tok, _messages(TEXTS[0], _images()[1]))
+    with torch.no_grad():
+        torch.testing.assert_close(again(torch.tensor([ids]), pixels=pixels).logits,
+                                   model(torch.tensor([ids]), pixels=pixels).logits, atol=0, rtol=0)
+
+
 def test_served_with_an_image_through_the_openai_client(qwen2vl):
     openai = pytest.importorskip("openai")
     from test_server import png_url

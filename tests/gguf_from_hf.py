@@ -295,3 +295,85 @@ def write_mmproj_from_idefics3(path, idefics3, preproc_size=None, scale_factor_k
         elif (m := _TOWER_NAME.match(name)) and (out := _tower_tensor(m[1], _SIGLIP_FC, _SIGLIP_TOP)):
             w.add_tensor(out, np.ascontiguousarray(a))
     return _finish(w, path)
+
+
+def write_qwen2vl_gguf(path, qwen, tokenizer_fn):
+    """A transformers Qwen2-VL / Qwen2.5-VL's language model as llama.cpp's converter writes it: architecture
+    qwen2vl (Qwen2's tensors) with the M-RoPE sections as rope.dimension_sections, padded to four."""
+    from types import SimpleNamespace
+
+    c = qwen.config.text_config
+    head = c.hidden_size // c.num_attention_heads
+    w = gguf.GGUFWriter(str(path), "qwen2vl")
+    w.add_name("tiny-qwen2vl")
+    _metadata(w, c, "qwen2vl", c.vocab_size)
+    w.add_rope_dimension_sections(list(c.rope_parameters["mrope_section"]) + [0])
+    assert sum(c.rope_parameters["mrope_section"]) == head // 2
+    tokenizer_fn(w)
+    state = {"model." + k: v for k, v in qwen.model.language_model.state_dict().items()}
+    state["lm_head.weight"] = qwen.lm_head.weight
+    lm = SimpleNamespace(config=SimpleNamespace(tie_word_embeddings=False), state_dict=lambda: state)
+    for name, a in _tensors(lm, "qwen2vl"):
+        w.add_tensor(name, np.ascontiguousarray(a, dtype=np.float32))
+    return _finish(w, path)
+
+
+def write_mmproj_from_qwen2vl(path, qwen, drop_out_rows=0, window_key=True, pixels=None):
+    """A transformers Qwen2-VL / Qwen2.5-VL tower + merger as a llama.cpp mmproj GGUF, as convert_hf_to_gguf.py's
+    Qwen2VLVisionModel writes it: projector type qwen2vl_merger / qwen2.5vl_merger, the Conv3d patch embedding cut
+    into its two frames (v.patch_embd.weight, .weight.1), qkv split into attn_q / attn_k / attn_v, merger.ln_q as
+    v.post_ln, merger.mlp.0 / .2 as mm.0 / mm.2, feed_forward_length from Qwen2-VL's vision hidden_size (the LM
+    width, as the converter does), n_wa_pattern from fullatt_block_indexes. Not the converter's: the window size
+    (window_key; clip.cpp fixes 112 px, too large for this tiny model's images) and pixels=(min, max) as
+    clip.vision.image_{min,max}_pixels (the processor's, which real files leave to clip.cpp's defaults).
+    drop_out_rows: a deliberately mismatched file (mm.2 narrower than the LM)."""
+    c = qwen.config
+    v = c.vision_config
+    v25 = c.model_type == "qwen2_5_vl"
+    width = v.hidden_size if v25 else v.embed_dim
+    w = gguf.GGUFWriter(str(path), "clip")
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_string("clip.projector_type", "qwen2.5vl_merger" if v25 else "qwen2vl_merger")
+    w.add_uint32("clip.vision.projection_dim", c.text_config.hidden_size)
+    w.add_uint32("clip.vision.image_size", 560)  # the converter's default (no such key in the config)
+    w.add_uint32("clip.vision.patch_size", v.patch_size)
+    w.add_uint32("clip.vision.embedding_length", width)
+    w.add_uint32("clip.vision.feed_forward_length", v.intermediate_size if v25 else v.hidden_size)
+    w.add_uint32("clip.vision.block_count", v.depth)
+    w.add_uint32("clip.vision.attention.head_count", v.num_heads)
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+    w.add_array("clip.vision.image_mean", [0.48145466, 0.4578275, 0.40821073])
+    w.add_array("clip.vision.image_std", [0.26862954, 0.26130258, 0.27577711])
+    if v25:
+        w.add_bool("clip.use_silu", True)
+        w.add_uint32("clip.vision.n_wa_pattern", v.fullatt_block_indexes[0] + 1)
+        if window_key:
+            w.add_uint32("clip.vision.window_size", v.window_size)
+    if pixels is not None:
+        w.add_uint32("clip.vision.image_min_pixels", pixels[0])
+        w.add_uint32("clip.vision.image_max_pixels", pixels[1])
+    names = {"norm1": "ln1", "norm2": "ln2", "attn.proj": "attn_out", "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for name, t in qwen.state_dict().items():
+        a = t.detach().float().numpy()
+        m = re.match(r"(?:model\.)?visual\.(.+)$", name)
+        if m is None:
+            continue
+        rest = m[1]
+        if rest == "patch_embed.proj.weight":  # [D, 3, 2, p, p] -> one [D, 3, p, p] kernel per frame
+            w.add_tensor("v.patch_embd.weight", np.ascontiguousarray(a[:, :, 0]))
+            w.add_tensor("v.patch_embd.weight.1", np.ascontiguousarray(a[:, :, 1]))
+        elif rest.startswith("merger."):
+            base, kind = rest.removeprefix("merger.").rsplit(".", 1)
+            if base == "mlp.2" and drop_out_rows:
+                a = a[:-drop_out_rows]
+            out = {"ln_q": "v.post_ln", "mlp.0": "mm.0", "mlp.2": "mm.2"}[base]
+            w.add_tensor(f"{out}.{kind}", np.ascontiguousarray(a))
+        else:
+            _, i, base, kind = re.match(r"blocks\.(\d+)\.(.+)\.(weight|bias)$", rest).group(0, 1, 2, 3)
+            if base == "attn.qkv":
+                for part, rows in zip("qkv", np.split(a, 3), strict=True):
+                    w.add_tensor(f"v.blk.{i}.attn_{part}.{kind}", np.ascontiguousarray(rows))
+            else:
+                w.add_tensor(f"v.blk.{i}.{names[base]}.{kind}", np.ascontiguousarray(a))
+    return _finish(w, path)

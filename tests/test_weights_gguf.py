@@ -111,7 +111,7 @@ def test_unsupported_tensor_type(tmp_path):
 def test_unsupported_architecture(tmp_path):
     path = write_gguf(tmp_path / "a.gguf", tiny_llama(), arch="falcon")
     with pytest.raises(GGUFError, match=r"architecture 'falcon' \(supported: llama, qwen2, qwen3, qwen3moe, phi3, "
-                                        r"gemma3\)"):
+                                        r"gemma3, qwen2vl\)"):
         load_gguf(path, progress=False)
 
 

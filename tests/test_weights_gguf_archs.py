@@ -139,7 +139,7 @@ def test_unsupported_architecture_lists_supported(tmp_path, capsys):
     w.write_tensors_to_file()
     w.close()
     with pytest.raises(GGUFError, match=r"architecture 'mamba' \(supported: llama, qwen2, qwen3, qwen3moe, phi3, "
-                                        r"gemma3\)"):
+                                        r"gemma3, qwen2vl\)"):
         load_gguf(tmp_path / "m.gguf", progress=False)
     for argv in (["generate", "--model", str(tmp_path / "m.gguf"), "hi"],
                  ["convert", str(tmp_path / "m.gguf"), str(tmp_path / "out")]):

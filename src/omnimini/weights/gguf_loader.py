@@ -8,7 +8,9 @@ NeoX-style RoPE, which is rotate-half already).
 Architectures: llama (also Mistral-style files with a sliding window, and Mixtral-style experts), qwen2, qwen3,
 qwen3moe, phi3 (fused qkv and gate+up tensors, split here) and gemma3 (embedding scale, sandwich norms whose
 weights llama.cpp's converter already stored as 1 + w, GeGLU, sliding-window layers with their own rope base and
-every sixth layer global, as llama.cpp reads these files).
+every sixth layer global, as llama.cpp reads these files), qwen2vl (Qwen2-VL / Qwen2.5-VL's language model: Qwen2
+with M-RoPE, `rope.dimension_sections` -> ModelConfig.mrope_section; its vision tower is an mmproj file,
+gguf_mmproj.py).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from tqdm import tqdm
 from omnimini.config import ConfigError, ModelConfig, MoEConfig
 from omnimini.weights.checkpoint import CheckpointError, build_model
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "phi3", "gemma3")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "phi3", "gemma3", "qwen2vl")
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q5_K", "Q6_K")
 PERMUTED_QK = ("llama",)  # architectures whose Q/K rows llama.cpp's converter permuted (interleaved RoPE)
 GEMMA3_SWA_PATTERN = 6  # llama.cpp: in a gemma3 file every sixth layer is global unless the file says otherwise
@@ -145,6 +147,8 @@ def config_from_gguf(meta: dict, tensor_names: set[str]) -> ModelConfig:
                         norm_topk_prob=bool(meta.get(f"{arch}.expert_weights_norm", True)))
     window = meta.get(f"{arch}.attention.sliding_window")
     extra = _gemma3_options(meta, hidden, head_dim, layers, window) if arch == "gemma3" else {}
+    if arch == "qwen2vl":
+        extra["mrope_section"] = _mrope_sections(meta)
     try:
         return ModelConfig(
             vocab_size=int(vocab), hidden_size=hidden, num_layers=layers, num_heads=heads,
@@ -160,6 +164,16 @@ def config_from_gguf(meta: dict, tensor_names: set[str]) -> ModelConfig:
         )
     except ConfigError as e:
         raise GGUFError(f"GGUF metadata: {e}") from None
+
+
+def _mrope_sections(meta: dict) -> list[int]:
+    """qwen2vl.rope.dimension_sections: llama.cpp's converter pads Qwen2-VL's three (temporal, height, width)
+    counts of rotary frequencies with a fourth, 0 (a section only Qwen3-VL-style files use)."""
+    sections = [int(x) for x in meta.get("qwen2vl.rope.dimension_sections", [])]
+    if len(sections) < 3 or any(sections[3:]):
+        raise GGUFError(f"GGUF qwen2vl.rope.dimension_sections {sections or None} must be the three M-RoPE sections "
+                        "(temporal, height, width), padded with zeros")
+    return sections[:3]
 
 
 def _gemma3_options(meta: dict, hidden: int, head_dim: int, layers: int, window) -> dict:

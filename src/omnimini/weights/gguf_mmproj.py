@@ -36,9 +36,11 @@ import torch
 
 from omnimini.config import VisionConfig
 from omnimini.weights.gguf_loader import GGUFError, dequantize, metadata, open_gguf
+from omnimini.weights.gguf_mmproj_qwen import QWEN_PROJECTORS, read_qwen_mmproj
 
-PROJECTOR_TYPES = ("mlp", "gemma3", "idefics3")
+PROJECTOR_TYPES = ("mlp", "gemma3", "idefics3", *QWEN_PROJECTORS)
 IMAGE_TOKEN = "<image>"
+QWEN_TOKENS = ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>")  # placeholder, then the template's frame
 GEMMA_SOFT_TOKEN = "<image_soft_token>"
 _BLK = re.compile(r"v\.blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _BLOCK = {"attn_out": "proj", "ln1": "norm1", "ln2": "norm2"}
@@ -80,6 +82,8 @@ def read_mmproj(path, lm_hidden: int) -> tuple[VisionConfig, dict[str, torch.Ten
                         f"but v.patch_embd.weight is {list(embd.shape)} (expected [{hidden}, 3, {patch}, {patch}])")
     if size % patch:
         raise GGUFError(f"{path}: patch size mismatch: image_size {size} is not a multiple of patch_size {patch}")
+    if kind in QWEN_PROJECTORS:
+        return read_qwen_mmproj(meta, w, kind, lm_hidden, path)
     if kind == "gemma3":
         return _gemma3(meta, w, size, patch, hidden, n_layer, lm_hidden, path)
     if kind == "idefics3":
@@ -228,15 +232,18 @@ def _state(w: dict[str, torch.Tensor], cfg: VisionConfig, path) -> dict[str, tor
 def attach_mmproj(model, tok, path):
     """Give a loaded language model the mmproj file's vision tower + projector (in place); returns model."""
     from omnimini.images import GEMMA_BOI, GEMMA_EOI
-    from omnimini.model.vision import VisionEncoder
+    from omnimini.model.vision import vision_tower
 
     cfg = model.config
     if cfg.vision is not None:
         raise GGUFError(f"--mmproj {path}: the model already has a vision encoder")
     vision, state = read_mmproj(path, cfg.hidden_size)
-    gemma = vision.image_prompt == "gemma3"
-    placeholder = GEMMA_SOFT_TOKEN if gemma else IMAGE_TOKEN
-    for t in (placeholder, GEMMA_BOI, GEMMA_EOI) if gemma else (placeholder,):
+    gemma, qwen = vision.image_prompt == "gemma3", vision.tower == "qwen2vl"
+    placeholder = GEMMA_SOFT_TOKEN if gemma else QWEN_TOKENS[0] if qwen else IMAGE_TOKEN
+    if qwen and cfg.mrope_section is None:
+        raise GGUFError(f"--mmproj {path}: a Qwen2-VL projector needs the qwen2vl language model (its M-RoPE "
+                        f"rope.dimension_sections), not a {cfg.arch.removeprefix('gguf:')} one")
+    for t in (placeholder, GEMMA_BOI, GEMMA_EOI) if gemma else QWEN_TOKENS if qwen else (placeholder,):
         if tok.token_to_id(t) is None:
             raise GGUFError(f"--mmproj {path}: the language model's vocabulary has no {t} token to "
                             f"{'frame' if t != placeholder else 'stand for'} the image in the prompt")
@@ -245,7 +252,7 @@ def attach_mmproj(model, tok, path):
 
         check_tokenizer(tok, vision, f"--mmproj {path}")
     image_id = tok.token_to_id(placeholder)
-    encoder = VisionEncoder(vision, cfg.hidden_size)
+    encoder = vision_tower(vision, cfg.hidden_size)
     prefixed = {k.removeprefix("vision."): v for k, v in state.items()}
     missing, unexpected = encoder.load_state_dict(prefixed, strict=False)
     if missing or unexpected:

@@ -155,12 +155,7 @@ def test_bad_gemma3_configs_are_named(gemma3, tmp_path):
 
     _, d, _ = gemma3
     assert_needs_preprocessor(d, tmp_path)
-    shutil.copy(d / "preprocessor_config.json", tmp_path)
-    p = json.loads((d / "preprocessor_config.json").read_text())
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps({**p, "do_pan_and_scan": True}))
-    with pytest.raises(CheckpointError, match="do_pan_and_scan=true is not supported"):
-        load_hf(tmp_path)
-    shutil.copy(d / "preprocessor_config.json", tmp_path)
+    shutil.copy(d / "preprocessor_config.json", tmp_path)  # (pan-and-scan: test_gemma3_pan_and_scan.py)
     cfg = json.loads((d / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "mm_tokens_per_image": 3}))
     with pytest.raises(CheckpointError, match="3 image tokens do not pool a 8 x 8 patch grid"):

@@ -98,6 +98,13 @@ class VisionConfig:
     # image), except the layers in full_attention_layers
     window_size: int = 0
     full_attention_layers: tuple[int, ...] = ()
+    # Gemma 3's pan-and-scan (pan_and_scan.py; image_prompt="gemma3", resize="square"): an image at least
+    # pan_min_ratio times wider than tall (or taller than wide) is also shown as 2..pan_max_crops crops of at least
+    # pan_min_crop px, each one more square view
+    pan_and_scan: bool = False
+    pan_min_crop: int = 256
+    pan_max_crops: int = 4
+    pan_min_ratio: float = 1.2
 
     def __post_init__(self):  # JSON gives lists back
         self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
@@ -231,6 +238,10 @@ class ModelConfig:
             qwen = (v.tower == "qwen2vl", v.resize == "smart", v.projector == "qwen2vl")
             if any(qwen) and not all(qwen):
                 raise ConfigError("vision.tower, resize and projector must all be 'qwen2vl'/'smart' or none of them")
+            if v.pan_and_scan and (v.image_prompt != "gemma3" or v.resize != "square" or v.pan_min_crop < 1
+                                   or v.pan_max_crops < 2):
+                raise ConfigError("vision.pan_and_scan needs image_prompt='gemma3', resize='square', "
+                                  "pan_min_crop >= 1 and pan_max_crops >= 2")
             if v.window_size and v.window_size % (v.patch_size * v.pixel_shuffle):
                 raise ConfigError(f"vision.window_size {v.window_size} is not a multiple of patch_size x "
                                   f"pixel_shuffle ({v.patch_size * v.pixel_shuffle})")

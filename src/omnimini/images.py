@@ -191,8 +191,13 @@ def vision_tiles(img: Image.Image, vision) -> tuple[torch.Tensor, tuple[int, int
     """An image as the model's vision tower takes it: [tiles, 3, S, S] (one tile unless the family splits images)
     and the split's (rows, cols), (0, 0) when it is not split."""
     if vision.resize != "tiles":
-        return to_pixels(img, vision.image_size, vision.image_mean, vision.image_std, vision.resize,
-                         vision.resample)[None], (0, 0)
+        views = [img]
+        if vision.pan_and_scan:  # Gemma 3: the whole image, then its crops, each one square view; grid (0, crops)
+            from omnimini.pan_and_scan import pan_and_scan
+
+            views += pan_and_scan(img.convert("RGB"), vision)
+        return torch.stack([to_pixels(v, vision.image_size, vision.image_mean, vision.image_std, vision.resize,
+                                      vision.resample) for v in views]), (0, len(views) - 1)
     tiles, rows, cols = split_tiles(img, vision)
     return torch.stack([_normalise(t, vision.image_mean, vision.image_std) for t in tiles]), (rows, cols)
 
@@ -209,8 +214,10 @@ def prompt_texts(vision, grids: list[tuple[int, int]], image_token: str) -> list
     """What each image's placeholder becomes in the prompt, for families that write images their own way
     (None: the template writes image_tokens placeholders itself, or the tokenizer repeats its one placeholder)."""
     n = vision.tokens_per_image
-    if vision.image_prompt == "gemma3":  # Gemma3Processor's expansion of each <start_of_image>
-        return [f"\n\n{GEMMA_BOI}{image_token * n}{GEMMA_EOI}\n\n" for _ in grids]
+    if vision.image_prompt == "gemma3":  # Gemma3Processor's expansion of each <start_of_image> (and its crops)
+        from omnimini.pan_and_scan import crops_prompt
+
+        return [crops_prompt(f"\n\n{GEMMA_BOI}{image_token * n}{GEMMA_EOI}\n\n", crops) for _, crops in grids]
     if vision.image_prompt != "idefics3":
         return None
     whole = f"{FAKE_IMAGE}{GLOBAL_IMAGE}{image_token * n}{FAKE_IMAGE}"

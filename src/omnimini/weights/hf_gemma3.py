@@ -5,7 +5,8 @@ the projector averages each k x k block of patches (k = patches per side / sqrt(
 Gemma's (1 + w) RMSNorm and one bias-free matrix (VisionConfig projector="gemma3", pixel_shuffle=k). The image is
 stretched to the tower's square (bilinear), and the template's <start_of_image> becomes
 "\\n\\n<start_of_image>" + mm_tokens_per_image x <image_soft_token> + "<end_of_image>\\n\\n" (image_prompt="gemma3"),
-as Gemma3Processor writes it. In the language model the soft tokens of one image attend to each other both ways
+as Gemma3Processor writes it; with do_pan_and_scan in preprocessor_config.json a wide or tall image adds crops, each
+one more view (pan_and_scan.py). In the language model the soft tokens of one image attend to each other both ways
 (ModelConfig.image_attention="bidirectional"); text stays causal.
 """
 
@@ -65,15 +66,31 @@ def _preprocessor(d: Path, image_size: int) -> dict:
     p = read_preprocessor(d)
     f = d / PREPROCESSOR
     check_standard_steps(p, d)
-    if p.get("do_pan_and_scan"):
-        raise CheckpointError(f"{f}: do_pan_and_scan=true is not supported (one square view per image)")
+    pan = _pan_and_scan(p, f)
     size = p.get("size") or {}
     h, w = size.get("height", image_size), size.get("width", image_size)
     if (int(h), int(w)) != (image_size, image_size):
         raise CheckpointError(f"{f}: size {h}x{w} does not match the vision tower's {image_size} px")
     return {"image_mean": tuple(p.get("image_mean", (0.5, 0.5, 0.5))),
             "image_std": tuple(p.get("image_std", (0.5, 0.5, 0.5))), "resize": "square",
-            "resample": resample(p, "bilinear")}
+            "resample": resample(p, "bilinear"), **pan}
+
+
+# Gemma3Processor's pan-and-scan defaults: hub preprocessor configs leave these keys null
+PAN_DEFAULTS = {"pan_and_scan_min_crop_size": 256, "pan_and_scan_max_num_crops": 4,
+                "pan_and_scan_min_ratio_to_activate": 1.2}
+
+
+def _pan_and_scan(p: dict, f: Path) -> dict:
+    """VisionConfig's pan-and-scan fields from preprocessor_config.json (off unless do_pan_and_scan is true)."""
+    if not p.get("do_pan_and_scan"):
+        return {}
+    crop, crops, ratio = (p.get(k) if p.get(k) is not None else v for k, v in PAN_DEFAULTS.items())
+    if int(crop) < 1 or int(crops) < 2 or float(ratio) <= 0:
+        raise CheckpointError(f"{f}: pan-and-scan needs pan_and_scan_min_crop_size >= 1, "
+                              f"pan_and_scan_max_num_crops >= 2 and a positive ratio (got {crop}, {crops}, {ratio})")
+    return {"pan_and_scan": True, "pan_min_crop": int(crop), "pan_max_crops": int(crops),
+            "pan_min_ratio": float(ratio)}
 
 
 def split_state(hf: dict[str, torch.Tensor], vision: VisionConfig) -> tuple[dict, dict]:

@@ -42,6 +42,7 @@ def test_probe_reads_what_only_the_image_holds_and_blank_scores_the_prior():
     (["--train", "0"], "--train must be at least 1"),
     (["--epochs", "-1"], "--epochs must be at least 1"),
     (["--vision", "/nonexistent/vision.safetensors"], "--vision: no such file"),
+    (["--caption-ceiling", "-3"], "--caption-ceiling must be at least 1"),
 ])
 def test_bad_arguments_are_named(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

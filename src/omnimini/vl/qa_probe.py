@@ -117,6 +117,42 @@ def train_probe(train: dict, test: dict, classes: list[str], image_key: str, epo
     return {t: (sum(v) / len(v), len(v)) for t, v in right.items()}
 
 
+def caption_ceiling(n: int, threads: int) -> dict:
+    """What the frozen text LM answers when the image is replaced by a perfect description of it (the scene
+    caption the align stage trains on), against the question alone: the ceiling of a read-out that turns the image
+    into text-like tokens and leaves the reasoning to the LM unchanged. Evaluator prompts (mixed formats)."""
+    from omnimini.data.scene_samples import scene_caption
+    from omnimini.data.scenes.world import Scene
+    from omnimini.eval.local import LocalRunner
+    from omnimini.runtime import load_for_inference
+    from omnimini.weights.default import TEXT_MODEL_NAME
+
+    torch.set_num_threads(threads)
+    model, tok = load_for_inference(TEXT_MODEL_NAME, quantize="auto")
+    runner = LocalRunner(model, tok, batch_size=16)
+    fam = QAFamily(image_size=128)
+    eps = [fam.episode(s) for s in range(TEST_SEED0, TEST_SEED0 + n)]
+    out: dict = {}
+    for name in ("caption", "question only"):
+        prompts = []
+        for ep in eps:
+            text = ep.prompt
+            if name == "caption":
+                text = ("Here is a description of the image instead of the image itself: "
+                        f"{scene_caption(Scene.from_dict(ep.meta['scene']))}\n\n{text}")
+            prompts.append([{"role": "user", "content": text}])
+        answers = []
+        for i in tqdm(range(0, n, 16), desc=f"text LM, {name}", unit="batch"):
+            answers += runner.generate(prompts[i:i + 16], {"temperature": 0, "max_tokens": 12})
+        right = defaultdict(list)
+        for ep, a in zip(eps, answers, strict=True):
+            ok = fam.score(ep, a)["score"]
+            right[ep.meta["qtype"]].append(ok)
+            right["all"].append(ok)
+        out[name] = {t: (sum(v) / len(v), len(v)) for t, v in right.items()}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vision", default=str(spec.VISION_FILE), help="omnimini-vl vision file (default: shipped)")
@@ -124,10 +160,24 @@ def main(argv=None) -> int:
     ap.add_argument("--test", type=int, default=2000, help="held-out items")
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--caption-ceiling", type=int, default=0, metavar="N",
+                    help="instead: score the text LM on N held-out questions with the scene caption in place of the "
+                         "image, and with the question alone")
     args = ap.parse_args(argv)
     for name in ("train", "test", "epochs", "threads"):
         if getattr(args, name) < 1:
             ap.error(f"--{name} must be at least 1")
+    if args.caption_ceiling < 0:
+        ap.error("--caption-ceiling must be at least 1 (or 0: the probe)")
+    if args.caption_ceiling:
+        res = caption_ceiling(args.caption_ceiling, args.threads)
+        cap, bare = res["caption"], res["question only"]
+        print(f"\ntext LM on {args.caption_ceiling} held-out scene questions (evaluator prompts)")
+        print(f"{'question type':<16}{'n':>6}{'caption':>9}{'no image':>10}{'gap':>8}")
+        for t in sorted(cap, key=lambda k: (k != "all", k)):
+            (c, n), (b, _) = cap[t], bare[t]
+            print(f"{t:<16}{n:>6}{c:>9.3f}{b:>10.3f}{c - b:>+8.3f}")
+        return 0
     if not Path(args.vision).is_file():
         ap.error(f"--vision: no such file: {args.vision}")
     torch.set_num_threads(args.threads)

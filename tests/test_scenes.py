@@ -359,3 +359,22 @@ def test_balanced_qa_flattens_the_answer_priors():
         share[bal] = got["none"] / sum(got.values())
         assert all(fam.score(e, e.answer)["success"] for e in eps[:40])
     assert share[False] > 0.5 and share[True] < 0.75 * share[False]
+
+
+def test_qa_conversation_asks_distinct_questions_about_one_scene():
+    from omnimini.data.scenes.qa import QAFamily
+
+    fam = QAFamily(image_size=64)
+    image, turns = fam.conversation(11)
+    again_image, again = fam.conversation(11)
+    assert turns == again and image.tobytes() == again_image.tobytes()  # a pure function of the seed
+    assert 4 <= len(turns) <= 8
+    assert turns[0][0].startswith("The image is a top-down view") and not any(
+        q.startswith("The image is") for q, _ in turns[1:])  # the intro once, in the first turn
+    assert len({q for q, _ in turns}) == len(turns)
+    for q, a in turns:  # each answer is what its question's own instruction asks for
+        if "letter of the correct option" in q:
+            assert a in "ABCD"
+        elif "single number" in q:
+            assert a.isdigit()
+    assert fam.conversation(12)[1] != turns

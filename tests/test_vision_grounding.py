@@ -323,3 +323,24 @@ def test_served_default_is_omnimini_vl_on_the_text_models_own_blocks(text_model)
         img = torch.tensor([vl_tok.encode_chat(msgs, image_tokens=vl.config.vision.tokens_per_image)])
         px = torch.nn.functional.interpolate(_full((220, 30, 30))[None], size=vl.config.vision.image_size)
         assert torch.isfinite(vl(img, pixels=px).logits).all()
+
+
+def test_multi_question_align_batches_learn_every_answer_and_freeze_tower_trains_adapters_only(text_model):
+    from omnimini.vl.spec import attach_vision, vl_tokenizer
+    from omnimini.vl.train import AlignData, vl_parameters
+
+    model, text_tok = text_model
+    tok = vl_tokenizer(text_tok)
+    vl = attach_vision(model, tok)
+    data = AlignData(tok, vl.config.vision, mix={"scene_qa_multi": 1})
+    batch = data.batch(0, 2)
+    assert batch["source"] == "scene_qa_multi" and batch["pixels"].shape[0] == 2
+    for row in range(2):
+        ids, labels = batch["input_ids"][row], batch["labels"][row]
+        assert int((ids == tok.image_token_id).sum()) == vl.config.vision.tokens_per_image  # one image per chat
+        learnt = labels != -100
+        spans = int((learnt[1:] & ~learnt[:-1]).sum()) + int(learnt[0])  # separate answer spans
+        assert spans >= 4  # every assistant turn is a target, not only the last
+    tower = {id(p) for p in vl.vision.parameters()}
+    assert not any(id(p) in tower for p in vl_parameters(vl, tower=False))
+    assert any(id(p) in tower for p in vl_parameters(vl))

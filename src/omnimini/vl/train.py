@@ -48,6 +48,7 @@ class StageConfig:
     aux_weight: float = 1.0  # weight of the dense-head loss (the whole loss in the warm-up)
     lm_weight: float = 0.0
     save_every: int = 25
+    train_tower: bool = True  # False: the encoder + projector stay as they are, only the adapters learn
 
 
 WARMUP = StageConfig(steps=800, batch=48, lr=2e-3, warmup=40, save_every=100)
@@ -62,6 +63,9 @@ PROBE_EVERY = 25  # steps between grounding probes (answer NLL with the real vs 
 # image-grounded chat sources of the align stage and their weights (one source per step: similar lengths, little
 # padding). Planning and navigation are left out: their 250-token prompts would cost ~5x a step each (see README).
 MIX = {"shapes_qa": 6, "shapes_caption": 2, "scene_caption": 1, "scene_qa": 4, "pointing": 2}
+# further sources, for --mix only (the shipped file's rebuild keeps MIX): scene_qa_multi is one scene with 8
+# questions as a multi-turn chat (the image and intro paid once per 8 questions)
+EXTRA_SOURCES = ("scene_qa_multi",)
 
 
 def _seed(*key) -> int:
@@ -119,6 +123,9 @@ class AlignData:
             scene = generate_scene(random.Random(f"caption/{seed}"))
             return (render(scene, size), "Describe the image.", scene_caption(scene),
                     dense_targets(scene_objects(scene), grid, scene))
+        if src == "scene_qa_multi":
+            image, turns = self.qa.conversation(seed)
+            return image, turns, None, None
         fam = self.qa if src == "scene_qa" else self.pointing
         ep = fam.episode(seed)
         return ep.image, ep.prompt, ep.answer, None
@@ -133,8 +140,12 @@ class AlignData:
         while len(samples) < n:
             image, prompt, answer, targets = self._messages(src, _seed(*key, i))
             i += 1
-            msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]},
-                    {"role": "assistant", "content": answer}]
+            turns = prompt if isinstance(prompt, list) else [(prompt, answer)]
+            msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": turns[0][0]}]}]
+            for j, (q, a) in enumerate(turns):
+                if j:
+                    msgs.append({"role": "user", "content": q})
+                msgs.append({"role": "assistant", "content": a})
             s = image_sample(self.tok, msgs, image, self.vcfg.image_size, self.vcfg.tokens_per_image, self.seq_len)
             if s is not None:
                 samples.append(s)
@@ -208,9 +219,11 @@ def lm_loss_per_sample(model, batch: dict, prefix_kv: PrefixKV | None = None) ->
 # ---------------------------------------------------------------- the loop
 
 
-def vl_parameters(model) -> list:
-    """What omnimini-vl trains: the vision encoder + projector and the image adapters (the LM stays frozen)."""
-    return list(model.vision.parameters()) + [p for blk in model.blocks for p in blk.image_adapter.parameters()]
+def vl_parameters(model, tower: bool = True) -> list:
+    """What omnimini-vl trains: the vision encoder + projector (unless tower=False: a read-out-only run) and the
+    image adapters (the LM stays frozen)."""
+    adapters = [p for blk in model.blocks for p in blk.image_adapter.parameters()]
+    return (list(model.vision.parameters()) if tower else []) + adapters
 
 
 def vl_state(model) -> dict:
@@ -252,7 +265,9 @@ def run_stage(name: str, cfg: StageConfig, model, heads: DenseHeads, out: Path, 
     prefix_kv = PrefixKV(model)
     ckpt = out / f"{name}.pt"
     # the warm-up has no LM in its loss: the adapters would only decay there
-    params = (vl_parameters(model) if data is not None else list(model.vision.parameters())) + list(heads.parameters())
+    params = (vl_parameters(model, cfg.train_tower) if data is not None else list(model.vision.parameters())) \
+        + list(heads.parameters())
+    model.vision.requires_grad_(cfg.train_tower or data is None)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
     start = 0
     if ckpt.exists():
@@ -389,6 +404,8 @@ def main(argv=None) -> int:
                          "in the vision file and would restart from noise, pulling the encoder with them)")
     ap.add_argument("--mix", default=None, metavar="SRC=W,...",
                     help=f"align sources and weights (default {','.join(f'{k}={v}' for k, v in MIX.items())})")
+    ap.add_argument("--freeze-tower", action="store_true",
+                    help="align stage: train the image adapters only (encoder + projector as loaded: a read-out run)")
     ap.add_argument("--export", metavar="FILE", default=None,
                     help="only write FILE from the run's newest checkpoint (no training)")
     a = ap.parse_args(argv)
@@ -408,16 +425,17 @@ def main(argv=None) -> int:
     if a.aux_weight < 0:
         ap.error(f"--aux-weight must be >= 0, got {a.aux_weight}")
     al = StageConfig(**{**asdict(ALIGN), "steps": a.align_steps, "warmup": min(ALIGN.warmup, a.align_steps),
-                        "lr": a.align_lr, "aux_weight": a.aux_weight})
+                        "lr": a.align_lr, "aux_weight": a.aux_weight, "train_tower": not a.freeze_tower})
     mix = None
     if a.mix:
         try:
             mix = {k.strip(): float(v) for k, v in (part.split("=") for part in a.mix.split(","))}
         except ValueError:
             ap.error(f"--mix must look like scene_qa=4,shapes_qa=2, got {a.mix!r}")
-        bad = [k for k in mix if k not in MIX]
+        bad = [k for k in mix if k not in MIX and k not in EXTRA_SOURCES]
         if bad or not all(v >= 0 for v in mix.values()) or not sum(mix.values()):
-            ap.error(f"--mix: sources are {', '.join(MIX)} with weights >= 0, not all 0 (got {a.mix!r})")
+            ap.error(f"--mix: sources are {', '.join((*MIX, *EXTRA_SOURCES))} with weights >= 0, not all 0 "
+                     f"(got {a.mix!r})")
     build(Path(a.out), w, al, a.threads, spec.VISION_FILE if a.install else None, init, mix)
     return 0
 

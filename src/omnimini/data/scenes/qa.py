@@ -177,6 +177,20 @@ def _intro(scene: Scene) -> str:
     return f"The image is a top-down view of a table with {parts}."
 
 
+def _ask(rng: random.Random, fmt: str, q: Question) -> tuple[str, str, list[str] | None]:
+    """(question text with its options and instruction, reference answer, options or None) in format `fmt`."""
+    if fmt == "mc":
+        choices = _options(rng, q)
+        letters = LETTERS[: len(choices)]
+        lines = "\n".join(f"{letter}. {c}" for letter, c in zip(letters, choices, strict=True))
+        instr = f"Answer with the letter of the correct option ({', '.join(letters)}) only."
+        return f"{q.text}\n{lines}\n\n{instr}", letters[choices.index(q.answer)], choices
+    instr = {"object": "Answer with the object's colour and shape only, e.g. 'red circle'.",
+             "number": "Answer with a single number only.",
+             "word": "Answer with a single word only."}[q.kind]
+    return f"{q.text}\n\n{instr}", q.answer, None
+
+
 class QAFamily:
     name = "qa"
     subsets = list(GENERATORS)
@@ -218,20 +232,31 @@ class QAFamily:
     def _make(self, seed: int, subset: str, fmt: str, rng: random.Random, scene: Scene, q: Question) -> Episode:
         meta: dict[str, Any] = {"format": fmt, "qtype": q.qtype, "answer_text": q.answer, "kind": q.kind,
                                 "scene": scene.to_dict(), "image_size": self.image_size}
-        if fmt == "mc":
-            choices = _options(rng, q)
-            letters = LETTERS[: len(choices)]
-            lines = "\n".join(f"{letter}. {c}" for letter, c in zip(letters, choices, strict=True))
-            instr = f"Answer with the letter of the correct option ({', '.join(letters)}) only."
-            prompt = f"{_intro(scene)}\n\n{q.text}\n{lines}\n\n{instr}"
-            return Episode(self.name, seed, subset, render(scene, self.image_size), prompt,
-                           letters[choices.index(q.answer)], choices, meta)
-        meta["candidates"] = q.candidates
-        instr = {"object": "Answer with the object's colour and shape only, e.g. 'red circle'.",
-                 "number": "Answer with a single number only.",
-                 "word": "Answer with a single word only."}[q.kind]
-        prompt = f"{_intro(scene)}\n\n{q.text}\n\n{instr}"
-        return Episode(self.name, seed, subset, render(scene, self.image_size), prompt, q.answer, None, meta)
+        text, answer, choices = _ask(rng, fmt, q)
+        if choices is None:
+            meta["candidates"] = q.candidates
+        return Episode(self.name, seed, subset, render(scene, self.image_size), f"{_intro(scene)}\n\n{text}",
+                       answer, choices, meta)
+
+    def conversation(self, seed: int, turns: int = 8) -> tuple[Any, list[tuple[str, str]]]:
+        """One scene, up to `turns` different questions about it (every subset in turn, formats mixed), as
+        (image, [(user text, answer)]): the first turn carries the evaluator's intro. Training data: a read-out
+        that must learn from tens of thousands of questions pays for the image and the intro once per scene
+        instead of once per question."""
+        rng = make_rng(self.name, seed, "conversation")
+        scene = generate_scene(rng, n_receptacles=(0, 2), inside_prob=0.35)
+        asked: set[str] = set()
+        out: list[tuple[str, str]] = []
+        for i in range(4 * turns):
+            if len(out) == turns:
+                break
+            q = rng.choice(GENERATORS[self.subsets[i % len(self.subsets)]])(rng, scene)
+            if q is None or q.text in asked:
+                continue
+            asked.add(q.text)
+            text, answer, _ = _ask(rng, self.fmt or rng.choice(["mc", "short"]), q)
+            out.append((f"{_intro(scene)}\n\n{text}" if not out else text, answer))
+        return render(scene, self.image_size), out
 
     def score(self, ep: Episode, response: str) -> dict[str, Any]:
         if ep.choices is not None:

@@ -8,7 +8,6 @@ never splitting an image, and served through the openai client."""
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -16,6 +15,7 @@ from PIL import Image
 transformers = pytest.importorskip("transformers")
 
 from test_weights_hf import byte_tokenizer  # noqa: E402
+from vlm_inputs import image_messages, noise_images  # noqa: E402
 
 from omnimini.engine.generate import GenRequest, generate  # noqa: E402
 from omnimini.engine.sampling import SamplingParams  # noqa: E402
@@ -88,13 +88,10 @@ def gemma3(tmp_path_factory):
 
 
 def _images():
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((50, 70), (20, 33))]
+    return noise_images((50, 70), (20, 33))
 
 
-def _messages(text, image=None):
-    img = {"type": "image"} if image is None else {"type": "image", "image": image}
-    return [{"role": "user", "content": [img, {"type": "text", "text": text}]}]
+_messages = image_messages
 
 
 def test_pixels_prompt_logits_and_greedy_match_transformers(gemma3):

@@ -7,14 +7,13 @@ framed by <fake_token_around_image>, <row_r_col_c>, <global-img>), same logits o
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 transformers = pytest.importorskip("transformers")
 
 from test_weights_hf import byte_tokenizer, write_tokenizer  # noqa: E402
+from vlm_inputs import image_messages, noise_images  # noqa: E402
 
 from omnimini.config import ConfigError, ModelConfig, VisionConfig  # noqa: E402
 from omnimini.engine.generate import GenRequest, generate  # noqa: E402
@@ -39,10 +38,8 @@ TEMPLATE = ("<|im_start|>{% for message in messages %}{{message['role'] | capita
 
 
 def _images():
-    rng = np.random.default_rng(0)
     # 2x2 tiles + global, 1x2 + global (a wide one), and one smaller than a tile (enlarged, then split too)
-    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((50, 70), (20, 70),
-                                                                                             (12, 9))]
+    return noise_images((50, 70), (20, 70), (12, 9))
 
 
 def _write_tokenizer(d):
@@ -86,8 +83,7 @@ def idefics3(tmp_path_factory):
     return ref, d, processor
 
 
-def _messages(text):
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+_messages = image_messages
 
 
 def test_tiles_pixels_prompt_logits_and_greedy_match_transformers(idefics3):

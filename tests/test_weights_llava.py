@@ -2,14 +2,13 @@
 processor config, loaded into OmniModel's vision encoder + projector. Same pixel values as transformers' CLIP
 processor, same logits on a padded batch with images (≤1e-4), same 32 greedy tokens."""
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 transformers = pytest.importorskip("transformers")
 
 from test_weights_hf import byte_tokenizer, write_tokenizer  # noqa: E402
+from vlm_inputs import noise_images  # noqa: E402
 
 from omnimini.engine.generate import GenRequest, generate  # noqa: E402
 from omnimini.engine.sampling import SamplingParams  # noqa: E402
@@ -22,8 +21,7 @@ N_IMG = (SIDE // PATCH) ** 2  # 16 tokens per image
 
 
 def _images():
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((50, 70), (90, 60))]
+    return noise_images((50, 70), (90, 60))
 
 
 @pytest.fixture(scope="module")

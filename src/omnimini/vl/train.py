@@ -109,26 +109,26 @@ class AlignData:
         return random.Random(f"vl-align/source/{step}").choices(self.names, self.weights)[0]
 
     def _messages(self, src: str, seed: int):
+        """(image, [(user text, answer)] turns, dense targets or None) of one sample of `src`."""
         grid = self.vcfg.grid // self.vcfg.pixel_shuffle
         size = self.vcfg.image_size
         if src == "shapes_qa":
             ep = self.shapes.episode(seed)
             objs = shapes_objects([Shape(**s) for s in ep.meta["shapes"]])
-            return ep.image, ep.prompt, ep.answer, dense_targets(objs, grid)
+            return ep.image, [(ep.prompt, ep.answer)], dense_targets(objs, grid)
         if src == "shapes_caption":
             bg, shapes = generate_shapes(random.Random(f"vl-caption/{seed}"))
-            return (render_shapes(bg, shapes, size), "Describe the image.", describe_shapes(shapes),
+            return (render_shapes(bg, shapes, size), [("Describe the image.", describe_shapes(shapes))],
                     dense_targets(shapes_objects(shapes), grid))
         if src == "scene_caption":
             scene = generate_scene(random.Random(f"caption/{seed}"))
-            return (render(scene, size), "Describe the image.", scene_caption(scene),
+            return (render(scene, size), [("Describe the image.", scene_caption(scene))],
                     dense_targets(scene_objects(scene), grid, scene))
         if src == "scene_qa_multi":
-            image, turns = self.qa.conversation(seed)
-            return image, turns, None, None
+            return (*self.qa.conversation(seed), None)
         fam = self.qa if src == "scene_qa" else self.pointing
         ep = fam.episode(seed)
-        return ep.image, ep.prompt, ep.answer, None
+        return ep.image, [(ep.prompt, ep.answer)], None
 
     def batch(self, step: int, n: int) -> dict:
         src = self.source(step)
@@ -138,9 +138,8 @@ class AlignData:
         samples, dense = [], []
         i = 0
         while len(samples) < n:
-            image, prompt, answer, targets = self._messages(src, _seed(*key, i))
+            image, turns, targets = self._messages(src, _seed(*key, i))
             i += 1
-            turns = prompt if isinstance(prompt, list) else [(prompt, answer)]
             msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": turns[0][0]}]}]
             for j, (q, a) in enumerate(turns):
                 if j:

@@ -110,11 +110,25 @@ def train_probe(train: dict, test: dict, classes: list[str], image_key: str, epo
     probe.eval()
     with torch.no_grad():
         pred = probe(test[image_key], test["question"], test["mask"]).argmax(-1)
-    right = defaultdict(list)
-    for p, a, t in zip(pred.tolist(), test["answers"], test["types"], strict=True):
-        right[t].append(classes[p] == a)
-        right["all"].append(classes[p] == a)
-    return {t: (sum(v) / len(v), len(v)) for t, v in right.items()}
+    return by_type([classes[p] == a for p, a in zip(pred.tolist(), test["answers"], strict=True)], test["types"])
+
+
+def by_type(right: list, types: list[str]) -> dict:
+    """{question type (and "all"): (accuracy, n)}."""
+    groups = defaultdict(list)
+    for ok, t in zip(right, types, strict=True):
+        groups[t].append(ok)
+        groups["all"].append(ok)
+    return {t: (sum(v) / len(v), len(v)) for t, v in groups.items()}
+
+
+def print_table(title: str, a: dict, b: dict, a_name: str, b_name: str) -> None:
+    """Per question type: n, accuracy under a, under b, and the gap, "all" first."""
+    print(f"\n{title}")
+    print(f"{'question type':<16}{'n':>6}{a_name:>10}{b_name:>10}{'gap':>8}")
+    for t in sorted(a, key=lambda k: (k != "all", k)):
+        (x, n), (y, _) = a[t], b[t]
+        print(f"{t:<16}{n:>6}{x:>10.3f}{y:>10.3f}{x - y:>+8.3f}")
 
 
 def caption_ceiling(n: int, threads: int) -> dict:
@@ -144,12 +158,8 @@ def caption_ceiling(n: int, threads: int) -> dict:
         answers = []
         for i in tqdm(range(0, n, 16), desc=f"text LM, {name}", unit="batch"):
             answers += runner.generate(prompts[i:i + 16], {"temperature": 0, "max_tokens": 12})
-        right = defaultdict(list)
-        for ep, a in zip(eps, answers, strict=True):
-            ok = fam.score(ep, a)["score"]
-            right[ep.meta["qtype"]].append(ok)
-            right["all"].append(ok)
-        out[name] = {t: (sum(v) / len(v), len(v)) for t, v in right.items()}
+        out[name] = by_type([fam.score(ep, a)["score"] for ep, a in zip(eps, answers, strict=True)],
+                            [ep.meta["qtype"] for ep in eps])
     return out
 
 
@@ -171,12 +181,8 @@ def main(argv=None) -> int:
         ap.error("--caption-ceiling must be at least 1 (or 0: the probe)")
     if args.caption_ceiling:
         res = caption_ceiling(args.caption_ceiling, args.threads)
-        cap, bare = res["caption"], res["question only"]
-        print(f"\ntext LM on {args.caption_ceiling} held-out scene questions (evaluator prompts)")
-        print(f"{'question type':<16}{'n':>6}{'caption':>9}{'no image':>10}{'gap':>8}")
-        for t in sorted(cap, key=lambda k: (k != "all", k)):
-            (c, n), (b, _) = cap[t], bare[t]
-            print(f"{t:<16}{n:>6}{c:>9.3f}{b:>10.3f}{c - b:>+8.3f}")
+        print_table(f"text LM on {args.caption_ceiling} held-out scene questions (evaluator prompts)",
+                    res["caption"], res["question only"], "caption", "no image")
         return 0
     if not Path(args.vision).is_file():
         ap.error(f"--vision: no such file: {args.vision}")
@@ -197,12 +203,9 @@ def main(argv=None) -> int:
     classes = sorted(set(train["answers"]) | set(test["answers"]))
     real = train_probe(train, test, classes, "image", args.epochs)
     prior = train_probe(train, test, classes, "blank", args.epochs)
-    print(f"\nquestion-conditioned probe on {Path(args.vision).name}'s image tokens ({args.train} train / "
-          f"{args.test} held-out items, {len(classes)} answers, {time.perf_counter() - t0:.0f} s)")
-    print(f"{'question type':<16}{'n':>6}{'real':>8}{'blank':>8}{'gap':>8}")
-    for t in sorted(real, key=lambda k: (k != "all", k)):
-        (r, n), (b, _) = real[t], prior[t]
-        print(f"{t:<16}{n:>6}{r:>8.3f}{b:>8.3f}{r - b:>+8.3f}")
+    print_table(f"question-conditioned probe on {Path(args.vision).name}'s image tokens ({args.train} train / "
+                f"{args.test} held-out items, {len(classes)} answers, {time.perf_counter() - t0:.0f} s)",
+                real, prior, "real", "blank")
     return 0
 
 
